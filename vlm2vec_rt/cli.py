@@ -1,0 +1,238 @@
+"""`vlm2vec-rt`: one thin entry point. It parses arguments and calls the package; nothing else lives here.
+
+Bad input exits non-zero with one clear line (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import EngineError, InputError
+
+log = logging.getLogger("vlm2vec_rt")
+
+
+# ---- commands ------------------------------------------------------------------------------------------
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from .models.tiny import make_tiny_model
+
+    size = {k: v for k, v in vars(args).items() if k in _TINY_SIZES and v is not None}
+    path = make_tiny_model(args.out, args.backbone, seed=args.seed, **size)
+    print(f"wrote a tiny {args.backbone} model to {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.trainer import train
+
+    out = train(
+        model_dir=args.model,
+        data_dir=args.data,
+        out_dir=args.out,
+        lora_r=args.lora_r,
+        batch_size=args.batch_size,
+        gc_chunk=args.gc_chunk,
+        steps=args.steps,
+        temperature=args.temperature,
+        resume=args.resume,
+        progress=True,
+    )
+    print(f"adapter written to {out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .training.lora import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .engine.build import build_engine
+
+    out = build_engine(args.model, args.out, precision=args.engine, backend=args.backend)
+    print(f"engine written to {out}")
+    return 0
+
+
+def load_encoder(args: argparse.Namespace):
+    """An Embedder (--model) or an Engine (--engine), from the shared --model/--engine/--device flags."""
+    if getattr(args, "engine", None):
+        from .engine.runtime import Engine
+
+        return Engine.load(args.engine, device=args.device)
+    from .models.embedder import Embedder
+
+    return Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from . import atomic
+    from .preprocess.items import Item, read_jsonl_items
+
+    if args.input:
+        if args.text is not None or args.image is not None:
+            raise InputError("--input cannot be combined with --text or --image")
+        items = read_jsonl_items(args.input, instruction=args.instruction)
+    else:
+        if args.text is None and args.image is None:
+            raise InputError("give --text, --image (or both), or --input FILE.jsonl")
+        image = None
+        if args.image is not None:
+            if not Path(args.image).is_file():
+                raise InputError(f"image file {args.image!r} does not exist")
+            image = args.image
+        items = [Item(text=args.text, image=image, instruction=args.instruction)]
+    encoder = load_encoder(args)
+    vectors = encoder.encode(items, batch_size=args.batch_size, progress=len(items) > 1)
+    atomic.save_npy(args.out, vectors)
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} embeddings to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.cli import run_eval
+
+    return run_eval(args, load_encoder)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import run_benchmarks
+
+    return run_benchmarks(args.which, out_dir=args.out)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    return run_quickstart(args.out)
+
+
+# ---- parser --------------------------------------------------------------------------------------------
+_TINY_SIZES = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "vocab_size",
+    "vision_hidden_size",
+    "vision_layers",
+    "image_size",
+    "patch_size",
+)
+
+
+def _add_encoder_flags(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="a model directory (eager PyTorch)")
+    src.add_argument("--engine", metavar="DIR", help="an engine directory built by `vlm2vec-rt build`")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="eager dtype")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+    parser = argparse.ArgumentParser(
+        prog="vlm2vec-rt",
+        description="Universal multimodal embeddings (VLM2Vec): train, build engines, embed, evaluate, benchmark.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tiny", parents=[common], help="write a tiny model of a real architecture")
+    p.add_argument("--backbone", choices=["llava_next", "qwen2_vl"], default="llava_next")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    for name in _TINY_SIZES:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, dest=name)
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("train", parents=[common], help="contrastive LoRA training with GradCache")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="DIR", help="MMEB-train layout")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gc-chunk", type=int, default=4)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter into one HF-format model")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--adapter", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("build", parents=[common], help="export and compile an engine")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--engine", required=True, choices=["fp16", "fp32", "int8"], help="precision")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"])
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("embed", parents=[common], help="embed text, an image, or a JSONL file of items")
+    _add_encoder_flags(p)
+    p.add_argument("--text")
+    p.add_argument("--image", metavar="PATH")
+    p.add_argument("--input", metavar="FILE.jsonl", help='one item per line: {"text", "image", "instruction"}')
+    p.add_argument("--instruction")
+    p.add_argument("--out", required=True, metavar="FILE.npy")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("eval", parents=[common], help="MMEB evaluation (Precision@1)")
+    _add_encoder_flags(p)
+    p.add_argument("--data", metavar="DIR", help="MMEB-eval layout (default: the bundled benchmark)")
+    p.add_argument("--datasets", help="comma-separated dataset names (default: every folder in --data)")
+    p.add_argument("--image-root", metavar="DIR", help="images root (default: DATA/eval_images)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", parents=[common], help="benchmarks against eager PyTorch (JSON + PNG)")
+    p.add_argument("which", nargs="?", default="all", choices=["tiling", "engine", "kernels", "train", "all"])
+    p.add_argument("--out", metavar="DIR", default="bench/results")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quickstart", parents=[common], help="the whole product end to end on a tiny model")
+    p.add_argument("--out", metavar="DIR", default="quickstart")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, EngineError, FileExistsError, FileNotFoundError, PermissionError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vlm2vec-rt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vlm2vec-rt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: say so in one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"vlm2vec-rt {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`Embedder`: eager PyTorch embeddings from a model directory, the reference every engine is checked against."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..preprocess.images import DEFAULT_MAX_PIXELS, HIGH_RESOLUTION, load_image, resize_square
+from ..preprocess.items import Item, as_items
+from .backbones import Backbone, Batch, ImageInputs, load_backbone
+
+Prepared = tuple[list[int], ImageInputs | None]
+
+
+class Embedder:
+    """VLM2Vec embeddings in eager PyTorch: last token's final hidden state, L2-normalised.
+
+    >>> emb = Embedder.from_pretrained("path/to/model")
+    >>> vecs = emb.encode([Item(text="a dog", instruction="Find me an everyday image that matches the given caption: ")])
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        image_resolution: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        if image_resolution not in (None, "high"):
+            raise InputError(f"image_resolution must be None or 'high', got {image_resolution!r}")
+        self.backbone = backbone
+        self.image_resolution = image_resolution
+        self.max_image_pixels = max_image_pixels
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        adapter: str | os.PathLike | None = None,
+        image_resolution: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Embedder:
+        """Load a LLaVA-NeXT or Qwen2-VL model directory (optionally with a peft adapter directory applied).
+
+        image_resolution="high" resizes every image to 1344x1344 first, as VLM2Vec's high-resolution runs do.
+        """
+        backbone = load_backbone(path, device=device, dtype=dtype)
+        if adapter is not None:
+            apply_adapter(backbone, adapter)
+        return cls(backbone, image_resolution=image_resolution, max_image_pixels=max_image_pixels)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension (the decoder's hidden size)."""
+        return self.backbone.hidden_size
+
+    # ---- preprocessing (CPU) -------------------------------------------------------------------------
+    def load_pixels(self, image: Any) -> np.ndarray:
+        """Decode, validate and (at "high" resolution) resize one image to uint8 HxWx3."""
+        pixels = load_image(image, max_pixels=self.max_image_pixels)
+        if self.image_resolution == "high":
+            pixels = resize_square(pixels, HIGH_RESOLUTION)
+        return pixels
+
+    def prepare(self, item: Item, what: str = "item") -> Prepared:
+        """Token ids and preprocessed image of one item."""
+        image = None
+        if item.image is not None:
+            image = self.backbone.preprocess_image(self.load_pixels(item.image))
+        return self.backbone.tokenize(item.format_text(), image, what=what), image
+
+    def _prepare_many(self, items: Sequence[Item], offset: int) -> list[Prepared]:
+        out = []
+        for j, item in enumerate(items):
+            try:
+                out.append(self.prepare(item, what=f"item {offset + j}"))
+            except InputError as e:
+                msg = str(e)
+                raise InputError(msg if msg.startswith("item ") else f"item {offset + j}: {msg}") from None
+        return out
+
+    def collate(self, prepared: Sequence[Prepared]) -> Batch:
+        return self.backbone.collate([ids for ids, _ in prepared], [im for _, im in prepared])
+
+    # ---- encoding ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, items: Sequence[Item | str | Any], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+        """Embed items (Item, str for text, PIL.Image for an image) -> float32 [N, dim], unit-norm rows.
+
+        Preprocessing of the next batch runs on a worker thread while the model runs the current one.
+        """
+        items = as_items(items)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        bar = _progress(len(items), progress, "encode")
+        for start, prepared in self._batches(items, batch_size):
+            out[start : start + len(prepared)] = self.backbone.forward(self.collate(prepared)).cpu().numpy()
+            bar.update(len(prepared))
+        bar.close()
+        return out
+
+    def _batches(self, items: list[Item], batch_size: int) -> Iterator[tuple[int, list[Prepared]]]:
+        starts = list(range(0, len(items), batch_size))
+        if not starts:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm2vec-prep") as pool:
+            future = pool.submit(self._prepare_many, items[: batch_size], 0)
+            for k, start in enumerate(starts):
+                prepared = future.result()
+                if k + 1 < len(starts):
+                    nxt = starts[k + 1]
+                    future = pool.submit(self._prepare_many, items[nxt : nxt + batch_size], nxt)
+                yield start, prepared
+
+
+def apply_adapter(backbone: Backbone, adapter: str | os.PathLike) -> None:
+    """Apply a peft (LoRA/DoRA) adapter directory to the backbone and merge it into the weights."""
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise InputError(f"adapter directory {os.fspath(adapter)!r} has no adapter_config.json")
+    device = backbone.device
+    peft_model = PeftModel.from_pretrained(backbone.model, os.fspath(adapter))
+    backbone.model = peft_model.merge_and_unload().to(device).eval()
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="item", dynamic_ncols=True)

@@ -1,0 +1,1 @@
+"""Everything between a user's input and the model's tensors: items, images, text, batching, tiling."""

@@ -1,0 +1,143 @@
+"""Image loading and validation: anything `Item.image` accepts becomes a contiguous uint8 HxWx3 RGB array.
+
+Every format problem becomes an `InputError` that names the source. Conversions (documented, never
+silent failures): palette, CMYK, grey, 1-bit -> RGB; alpha and palette transparency are composited onto
+white (as transformers' `convert_to_rgb` does); 16-bit and 32-bit integer images are scaled to 8 bits;
+float images are taken as [0, 1] when their maximum is <= 1, else as [0, 255], and clipped.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError
+
+# Decompression-bomb guard: checked against the header before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# VLM2Vec's "high" resolution: images are resized to this square before the backbone's processor.
+HIGH_RESOLUTION = 1344
+
+
+def describe(image: Any) -> str:
+    """A short name for an image source, for error messages."""
+    if isinstance(image, (str, os.PathLike)):
+        return f"image file {os.fspath(image)!r}"
+    if isinstance(image, (bytes, bytearray)):
+        return f"image bytes ({len(image)} bytes)"
+    if isinstance(image, np.ndarray):
+        return f"image array {image.shape} {image.dtype}"
+    if isinstance(image, Image.Image):
+        return f"PIL image {image.size} mode {image.mode}"
+    return f"image of type {type(image).__name__}"
+
+
+def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode and validate one image; returns a C-contiguous uint8 array of shape (H, W, 3)."""
+    if isinstance(image, np.ndarray):
+        return _from_array(image, max_pixels=max_pixels)
+    if isinstance(image, Image.Image):
+        _check_size(image.size, describe(image), max_pixels)
+        return _pil_to_rgb(image, describe(image))
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise InputError(f"image file {path!r} does not exist")
+        with open(path, "rb") as f:
+            return _decode(f, describe(image), max_pixels)
+    if isinstance(image, (bytes, bytearray)):
+        if not image:
+            raise InputError("image bytes are empty")
+        return _decode(io.BytesIO(bytes(image)), describe(image), max_pixels)
+    raise InputError(f"unsupported {describe(image)}: expected a path, bytes, a PIL.Image or a uint8 HxWx3 array")
+
+
+def resize_square(image: np.ndarray, side: int = HIGH_RESOLUTION) -> np.ndarray:
+    """Resize to side x side with Pillow's bicubic (VLM2Vec's "high" resolution step)."""
+    if image.shape[0] == side and image.shape[1] == side:
+        return image
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise InputError(f"{what} has zero size ({w}x{h})")
+    if w * h > max_pixels:
+        raise InputError(
+            f"{what} has {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+            "(a decompression bomb guard; raise max_image_pixels to allow it)"
+        )
+
+
+def _decode(f: io.IOBase, what: str, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            # We apply our own pixel limit from the header; Pillow's warning would be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(f)
+            _check_size(img.size, what, max_pixels)
+            img.load()
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{what}: {e}") from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
+        raise InputError(f"{what} is not a readable image (corrupt or truncated): {e}") from None
+    return _pil_to_rgb(img, what)
+
+
+def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
+    mode = img.mode
+    try:
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(img).astype(np.float64)
+            # 16-bit data is stored in "I;16*" and often in "I" (PNG); 32-bit "I" beyond 65535 is rescaled.
+            top = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
+            grey = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+        if mode == "F":
+            return _from_array(np.asarray(img), max_pixels=None)
+        has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        rgb = img.convert("RGB")
+        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what}: cannot convert mode {mode} to RGB: {e}") from None
+
+
+def _from_array(arr: np.ndarray, *, max_pixels: int | None) -> np.ndarray:
+    what = describe(arr)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InputError(f"{what}: expected shape (H, W, 3) (or (H, W), (H, W, 1), (H, W, 4))")
+    h, w = arr.shape[:2]
+    if max_pixels is not None:
+        _check_size((w, h), what, max_pixels)
+    elif h == 0 or w == 0:
+        raise InputError(f"{what} has zero size")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise InputError(f"{what} contains NaN or infinity")
+        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    elif arr.dtype == np.uint16:
+        arr = np.rint(arr.astype(np.float64) / 65535.0 * 255.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise InputError(f"{what}: expected dtype uint8 (or uint16 / float), got {arr.dtype}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        alpha = arr[..., 3:4].astype(np.float32) / 255.0
+        arr = np.rint(arr[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(arr)

@@ -1,0 +1,135 @@
+"""`Item`: one input to embed (text, image, instruction), and the normalisation of what `encode` accepts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+# The image placeholder MMEB writes into its texts (Phi-3.5-V's); replaced per backbone.
+MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """One thing to embed.
+
+    text: the text, or None. image: a path, encoded bytes, a PIL image or a uint8 HxWx3 array, or None.
+    instruction: the MMEB task instruction, prepended as MMEB does. The backbone's image placeholder is
+    inserted by the library; a text that already carries MMEB's ``<|image_1|>`` keeps it in place.
+    """
+
+    text: str | None = None
+    image: Any = None
+    instruction: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is not None and not isinstance(self.text, str):
+            raise InputError(f"Item.text must be a str or None, got {type(self.text).__name__}")
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise InputError(f"Item.instruction must be a str or None, got {type(self.instruction).__name__}")
+        if self.image is not None and not isinstance(self.image, (str, os.PathLike, bytes, bytearray, np.ndarray)):
+            if not _is_pil_image(self.image):
+                raise InputError(
+                    "Item.image must be a path, bytes, a PIL.Image or a uint8 HxWx3 numpy array, "
+                    f"got {type(self.image).__name__}"
+                )
+        has_text = bool((self.text or "").strip()) or bool((self.instruction or "").strip())
+        if self.image is None and not has_text:
+            raise InputError("Item has neither text nor image (empty text with no image)")
+        if self.image is None and self.text and MMEB_IMAGE_PLACEHOLDER in self.text:
+            raise InputError(f"Item.text contains the image placeholder {MMEB_IMAGE_PLACEHOLDER} but no image is given")
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    def format_text(self) -> str:
+        """The item's text the way MMEB writes it, with MMEB's placeholder where the image goes.
+
+        MMEB's own rows read ``"<|image_1|>\\n" + instruction + text + "\\n"``; a text that already holds the
+        placeholder (rows read straight from MMEB files) is kept as it is.
+        """
+        text = self.text or ""
+        if self.instruction:
+            sep = "" if not text or self.instruction[-1:].isspace() else " "
+            text = f"{self.instruction}{sep}{text}\n"
+        if self.image is not None and MMEB_IMAGE_PLACEHOLDER not in text:
+            text = f"{MMEB_IMAGE_PLACEHOLDER}\n{text}"
+        return text
+
+
+def _is_pil_image(obj: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a core dependency
+        return False
+    return isinstance(obj, Image.Image)
+
+
+def as_items(inputs: Sequence[Any]) -> list[Item]:
+    """Normalise what `encode` accepts (Item, str for text, PIL.Image for an image) into Items."""
+    if isinstance(inputs, (str, Item)) or _is_pil_image(inputs):
+        raise InputError("encode takes a sequence of items; wrap a single item in a list")
+    items: list[Item] = []
+    for i, x in enumerate(inputs):
+        try:
+            if isinstance(x, Item):
+                items.append(x)
+            elif isinstance(x, str):
+                items.append(Item(text=x))
+            elif _is_pil_image(x):
+                items.append(Item(image=x))
+            else:
+                raise InputError(f"expected Item, str or PIL.Image, got {type(x).__name__}")
+        except InputError as e:
+            raise InputError(f"item {i}: {e}") from None
+    return items
+
+
+def read_jsonl_items(path: str | os.PathLike, *, instruction: str | None = None) -> list[Item]:
+    """Items from a JSONL file, one object per line with "text", "image" (path), "instruction" keys.
+
+    Relative image paths are resolved against the file's folder; `instruction` is the default for lines
+    that give none. Errors name the file and line.
+    """
+    import json
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"input file {path!r} does not exist")
+    base = os.path.dirname(os.path.abspath(path))
+    items: list[Item] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            unknown = set(row) - {"text", "image", "instruction"}
+            if unknown:
+                raise InputError(f"{where}: unknown field(s) {sorted(unknown)}")
+            image = row.get("image")
+            if image is not None:
+                if not isinstance(image, str) or not image:
+                    raise InputError(f"{where}: field 'image' must be a non-empty path string")
+                image = os.path.join(base, image)
+                if not os.path.isfile(image):
+                    raise InputError(f"{where}: image file {image!r} does not exist")
+            try:
+                items.append(Item(text=row.get("text"), image=image, instruction=row.get("instruction", instruction)))
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
+    if not items:
+        raise InputError(f"input file {path!r} has no items")
+    return items
