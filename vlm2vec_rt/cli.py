@@ -133,7 +133,9 @@ def _add_encoder_flags(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="DIR", help="a model directory (eager PyTorch)")
     src.add_argument("--engine", metavar="DIR", help="an engine directory built by `vlm2vec-rt build`")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="eager dtype")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="eager dtype"
+    )
     p.add_argument("--batch-size", type=int, default=16)
 
 
@@ -185,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_flags(p)
     p.add_argument("--text")
     p.add_argument("--image", metavar="PATH")
-    p.add_argument("--input", metavar="FILE.jsonl", help='one item per line: {"text", "image", "instruction"}')
+    p.add_argument(
+        "--input", metavar="FILE.jsonl", help='one item per line: {"text", "image", "instruction"}'
+    )
     p.add_argument("--instruction")
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.set_defaults(func=cmd_embed)

@@ -141,15 +141,21 @@ class Backbone:
         self.config = model.config
         self.image_token_id = int(self.config.image_token_id)
         self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.max_length = text_ops.model_max_length(tokenizer, getattr(self.config.text_config, "max_position_embeddings", None))
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        )
+        self.max_length = text_ops.model_max_length(
+            tokenizer, getattr(self.config.text_config, "max_position_embeddings", None)
+        )
         self.head = EmbeddingHead(self.inner.language_model)
         # The seam the C++ tiling plugs into: uint8 HxWx3 -> ImageInputs.
         self.image_preprocessor: Callable[[np.ndarray], ImageInputs] = self._preprocess_with_transformers
 
     # ---- loading -------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Backbone:
+    def load(
+        cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "float32"
+    ) -> Backbone:
         import transformers
 
         path = Path(path)
@@ -213,7 +219,9 @@ class Backbone:
         """Vision tower + projector over all views/patches of a batch."""
         raise NotImplementedError
 
-    def pack(self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]) -> list[torch.Tensor]:
+    def pack(
+        self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]
+    ) -> list[torch.Tensor]:
         """Per-image token features [num_tokens_i, H], in the order the image tokens appear."""
         raise NotImplementedError
 
@@ -228,7 +236,9 @@ class Backbone:
         device = self.device
         pixel_values = image_meta = None
         if present:
-            pixel_values = torch.from_numpy(np.concatenate([im.pixel_values for im in present])).to(device, self.dtype)
+            pixel_values = torch.from_numpy(np.concatenate([im.pixel_values for im in present])).to(
+                device, self.dtype
+            )
             image_meta = torch.tensor([im.meta for im in present], dtype=torch.long, device=device)
         return Batch(
             input_ids=torch.from_numpy(ids).to(device),
@@ -242,7 +252,11 @@ class Backbone:
         """Token embeddings with every image token replaced by its image feature."""
         embeds = self.inner.get_input_embeddings()(batch.input_ids)
         if batch.pixel_values is not None:
-            feats = self.pack(self.encode_views(batch.pixel_values, batch.image_meta), batch.image_meta, batch.views_per_image)
+            feats = self.pack(
+                self.encode_views(batch.pixel_values, batch.image_meta),
+                batch.image_meta,
+                batch.views_per_image,
+            )
             feats = torch.cat(feats, dim=0).to(embeds.dtype)
             slots = batch.input_ids == self.image_token_id
             if int(slots.sum()) != feats.shape[0]:
@@ -309,7 +323,9 @@ class LlavaNext(Backbone):
             selected = selected[:, 1:]
         return inner.multi_modal_projector(selected)
 
-    def pack(self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]) -> list[torch.Tensor]:
+    def pack(
+        self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]
+    ) -> list[torch.Tensor]:
         per_image = torch.split(view_features, views_per_image, dim=0)
         packed, _ = self.inner.pack_image_features(
             per_image,
@@ -358,13 +374,17 @@ class Qwen2VL(Backbone):
         except ValueError as e:  # e.g. aspect ratio over 200
             raise InputError(f"image {image.shape[1]}x{image.shape[0]}: {e}") from None
         grid = tuple(int(v) for v in out["image_grid_thw"][0])
-        return ImageInputs(np.asarray(out["pixel_values"], dtype=np.float32), grid, int(np.prod(grid)) // self.merge_size**2)
+        return ImageInputs(
+            np.asarray(out["pixel_values"], dtype=np.float32), grid, int(np.prod(grid)) // self.merge_size**2
+        )
 
     def encode_views(self, pixel_values: torch.Tensor, image_meta: torch.Tensor) -> torch.Tensor:
         # pixel_values [patches, 3*T*P*P], image_meta = grid_thw [N, 3] -> merged tokens [patches / merge^2, H]
         return self.inner.visual(pixel_values, grid_thw=image_meta, return_dict=True).pooler_output
 
-    def pack(self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]) -> list[torch.Tensor]:
+    def pack(
+        self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]
+    ) -> list[torch.Tensor]:
         sizes = (image_meta.prod(-1) // self.merge_size**2).tolist()
         return list(torch.split(view_features, sizes, dim=0))
 
@@ -380,7 +400,9 @@ class Qwen2VL(Backbone):
 BACKBONES: dict[str, type[Backbone]] = {"llava_next": LlavaNext, "qwen2_vl": Qwen2VL}
 
 
-def load_backbone(path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Backbone:
+def load_backbone(
+    path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "float32"
+) -> Backbone:
     """Load the adapter for the model directory at `path` (a real checkpoint or a `make_tiny_model` one)."""
     return BACKBONES[read_model_type(path)].load(path, device=device, dtype=dtype)
 

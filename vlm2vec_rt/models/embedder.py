@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ class Embedder:
         self.backbone = backbone
         self.image_resolution = image_resolution
         self.max_image_pixels = max_image_pixels
+        self.adapter: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -56,12 +59,23 @@ class Embedder:
         backbone = load_backbone(path, device=device, dtype=dtype)
         if adapter is not None:
             apply_adapter(backbone, adapter)
-        return cls(backbone, image_resolution=image_resolution, max_image_pixels=max_image_pixels)
+        embedder = cls(backbone, image_resolution=image_resolution, max_image_pixels=max_image_pixels)
+        embedder.adapter = None if adapter is None else os.fspath(adapter)
+        return embedder
 
     @property
     def dim(self) -> int:
         """Embedding dimension (the decoder's hidden size)."""
         return self.backbone.hidden_size
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what produces these embeddings (model files, adapter, dtype, resolution): cache keys."""
+        parts = [self.backbone.name, str(self.backbone.dtype), str(self.image_resolution)]
+        for folder in (self.backbone.path, self.adapter):
+            if folder is not None:
+                parts.append(directory_signature(folder))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     # ---- preprocessing (CPU) -------------------------------------------------------------------------
     def load_pixels(self, image: Any) -> np.ndarray:
@@ -93,7 +107,9 @@ class Embedder:
 
     # ---- encoding ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, items: Sequence[Item | str | Any], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    def encode(
+        self, items: Sequence[Item | str | Any], *, batch_size: int = 16, progress: bool = False
+    ) -> np.ndarray:
         """Embed items (Item, str for text, PIL.Image for an image) -> float32 [N, dim], unit-norm rows.
 
         Preprocessing of the next batch runs on a worker thread while the model runs the current one.
@@ -114,7 +130,7 @@ class Embedder:
         if not starts:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm2vec-prep") as pool:
-            future = pool.submit(self._prepare_many, items[: batch_size], 0)
+            future = pool.submit(self._prepare_many, items[:batch_size], 0)
             for k, start in enumerate(starts):
                 prepared = future.result()
                 if k + 1 < len(starts):
@@ -132,6 +148,19 @@ def apply_adapter(backbone: Backbone, adapter: str | os.PathLike) -> None:
     device = backbone.device
     peft_model = PeftModel.from_pretrained(backbone.model, os.fspath(adapter))
     backbone.model = peft_model.merge_and_unload().to(device).eval()
+
+
+def directory_signature(folder: str | os.PathLike) -> str:
+    """Cheap identity of a model directory: config files by content, weight files by name, size and mtime."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*")):
+        if not f.is_file():
+            continue
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        if f.suffix == ".json" and st.st_size < 1 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -104,7 +104,15 @@ def make_tiny_model(path: str | os.PathLike, backbone: str = "llava_next", *, se
 
 
 def _check_sizes(backbone: str, o: dict) -> None:
-    for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "vision_hidden_size", "vision_layers", "image_size"):
+    for key in (
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "vocab_size",
+        "vision_hidden_size",
+        "vision_layers",
+        "image_size",
+    ):
         if not isinstance(o[key], int) or o[key] <= 0:
             raise InputError(f"{key} must be a positive int, got {o[key]!r}")
     if o["hidden_size"] % o["num_heads"] or (o["hidden_size"] // o["num_heads"]) % 2:
@@ -112,7 +120,9 @@ def _check_sizes(backbone: str, o: dict) -> None:
     if o["vision_hidden_size"] % o["vision_heads"]:
         raise InputError("vision_hidden_size must be a multiple of vision_heads")
     if o["vocab_size"] < len(_SPECIALS[backbone]) + 256:
-        raise InputError(f"vocab_size must be at least {len(_SPECIALS[backbone]) + 256} (bytes + special tokens)")
+        raise InputError(
+            f"vocab_size must be at least {len(_SPECIALS[backbone]) + 256} (bytes + special tokens)"
+        )
     if backbone == "llava_next":
         if o["image_size"] % o["patch_size"]:
             raise InputError("image_size must be a multiple of patch_size")
@@ -221,7 +231,11 @@ def _build_qwen2_vl(tokenizer, o: dict):
             num_key_value_heads=o["num_heads"],
             max_position_embeddings=4096,
             initializer_range=o["initializer_range"],
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [t, h, half - t - h]},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [t, h, half - t - h],
+            },
             bos_token_id=None,
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
@@ -245,6 +259,10 @@ def _build_qwen2_vl(tokenizer, o: dict):
     model = Qwen2VLForConditionalGeneration(config)
     side = o["image_size"]
     processor = Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56, max_pixels=side * side, patch_size=o["patch_size"], merge_size=2, temporal_patch_size=2
+        min_pixels=56 * 56,
+        max_pixels=side * side,
+        patch_size=o["patch_size"],
+        merge_size=2,
+        temporal_patch_size=2,
     )
     return model, processor

@@ -55,7 +55,9 @@ def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         if not image:
             raise InputError("image bytes are empty")
         return _decode(io.BytesIO(bytes(image)), describe(image), max_pixels)
-    raise InputError(f"unsupported {describe(image)}: expected a path, bytes, a PIL.Image or a uint8 HxWx3 array")
+    raise InputError(
+        f"unsupported {describe(image)}: expected a path, bytes, a PIL.Image or a uint8 HxWx3 array"
+    )
 
 
 def resize_square(image: np.ndarray, side: int = HIGH_RESOLUTION) -> np.ndarray:

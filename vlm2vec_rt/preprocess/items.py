@@ -33,17 +33,19 @@ class Item:
             raise InputError(f"Item.text must be a str or None, got {type(self.text).__name__}")
         if self.instruction is not None and not isinstance(self.instruction, str):
             raise InputError(f"Item.instruction must be a str or None, got {type(self.instruction).__name__}")
-        if self.image is not None and not isinstance(self.image, (str, os.PathLike, bytes, bytearray, np.ndarray)):
-            if not _is_pil_image(self.image):
-                raise InputError(
-                    "Item.image must be a path, bytes, a PIL.Image or a uint8 HxWx3 numpy array, "
-                    f"got {type(self.image).__name__}"
-                )
+        accepted = (str, os.PathLike, bytes, bytearray, np.ndarray)
+        if self.image is not None and not isinstance(self.image, accepted) and not _is_pil_image(self.image):
+            raise InputError(
+                "Item.image must be a path, bytes, a PIL.Image or a uint8 HxWx3 numpy array, "
+                f"got {type(self.image).__name__}"
+            )
         has_text = bool((self.text or "").strip()) or bool((self.instruction or "").strip())
         if self.image is None and not has_text:
             raise InputError("Item has neither text nor image (empty text with no image)")
         if self.image is None and self.text and MMEB_IMAGE_PLACEHOLDER in self.text:
-            raise InputError(f"Item.text contains the image placeholder {MMEB_IMAGE_PLACEHOLDER} but no image is given")
+            raise InputError(
+                f"Item.text contains the image placeholder {MMEB_IMAGE_PLACEHOLDER} but no image is given"
+            )
 
     @property
     def has_image(self) -> bool:
@@ -127,7 +129,9 @@ def read_jsonl_items(path: str | os.PathLike, *, instruction: str | None = None)
                 if not os.path.isfile(image):
                     raise InputError(f"{where}: image file {image!r} does not exist")
             try:
-                items.append(Item(text=row.get("text"), image=image, instruction=row.get("instruction", instruction)))
+                items.append(
+                    Item(text=row.get("text"), image=image, instruction=row.get("instruction", instruction))
+                )
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
     if not items:

@@ -31,7 +31,9 @@ def expand_placeholder(text: str, placeholder: str, image_token: str, num_image_
             raise InputError(f"text contains {MMEB_IMAGE_PLACEHOLDER} but the item has no image")
         return text
     if count != 1:
-        raise InputError(f"an item with one image needs exactly one {MMEB_IMAGE_PLACEHOLDER} in its text, found {count}")
+        raise InputError(
+            f"an item with one image needs exactly one {MMEB_IMAGE_PLACEHOLDER} in its text, found {count}"
+        )
     expanded = placeholder.replace(image_token, image_token * num_image_tokens)
     return text.replace(MMEB_IMAGE_PLACEHOLDER, expanded)
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models of both backbones (written once per session) and real sample images."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Two cores on CI: more threads than cores only thrash.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> str:
+    from vlm2vec_rt.models.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "llava_next", "llava_next", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> str:
+    from vlm2vec_rt.models.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2_vl", "qwen2_vl", seed=0))
+
+
+@pytest.fixture(scope="session", params=["llava_next", "qwen2_vl"])
+def tiny_model(request, tiny_llava, tiny_qwen) -> str:
+    """Each backbone in turn."""
+    return tiny_llava if request.param == "llava_next" else tiny_qwen
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    from vlm2vec_rt.sample_images import photos
+
+    return photos()
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
