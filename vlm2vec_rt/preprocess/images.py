@@ -89,7 +89,7 @@ def _decode(f: io.IOBase, what: str, max_pixels: int) -> np.ndarray:
     except InputError:
         raise
     except Image.DecompressionBombError as e:
-        raise InputError(f"{what}: {e}") from None
+        raise InputError(f"{what} is over the pixel limit (a decompression bomb guard): {e}") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
         raise InputError(f"{what} is not a readable image (corrupt or truncated): {e}") from None
     return _pil_to_rgb(img, what)

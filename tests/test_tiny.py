@@ -1,0 +1,84 @@
+"""make_tiny_model: complete HF-format directories of the real architectures, sized by keywords."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from safetensors import safe_open
+
+from vlm2vec_rt import InputError, make_tiny_model
+from vlm2vec_rt.models.backbones import load_backbone
+
+
+def _num_params(path) -> int:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+
+
+def test_default_sizes_are_under_a_million(tiny_llava, tiny_qwen):
+    from pathlib import Path
+
+    for path in (Path(tiny_llava), Path(tiny_qwen)):
+        files = {p.name for p in path.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+        assert "preprocessor_config.json" in files
+        assert 100_000 < _num_params(path) < 1_000_000
+
+
+def test_llava_processor_goes_up_to_1344(tiny_llava):
+    bb = load_backbone(tiny_llava)
+    assert [1344, 1344] in bb.grid_pinpoints and bb.crop_size == 336
+    assert bb.tokenizer.convert_ids_to_tokens(bb.image_token_id) == "<image>"
+    # Llama tokenizers prepend <s>
+    assert bb.tokenizer("hi")["input_ids"][0] == bb.tokenizer.bos_token_id
+
+
+def test_qwen_tokenizer_knows_the_vision_tokens(tiny_qwen):
+    bb = load_backbone(tiny_qwen)
+    for tok in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
+        assert tok in bb.tokenizer.get_vocab()
+    assert bb.tokenizer.convert_ids_to_tokens(bb.image_token_id) == "<|image_pad|>"
+    config = json.loads((bb.path / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl"
+
+
+def test_sizes_are_keywords(tmp_path):
+    path = make_tiny_model(
+        tmp_path / "m", "qwen2_vl", hidden_size=96, num_layers=3, num_heads=6, vocab_size=600
+    )
+    cfg = json.loads((path / "config.json").read_text())["text_config"]
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["vocab_size"]) == (
+        96,
+        3,
+        6,
+        600,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(backbone="bert"), "backbone must be one of"),
+        (dict(hidden_size=0), "positive int"),
+        (dict(hidden_size=65, num_heads=4), "multiple of num_heads"),
+        (dict(vocab_size=100), "vocab_size must be at least"),
+        (dict(image_size=300, patch_size=56), "multiple of patch_size"),
+        (dict(vision_layers=1), "vision_layers"),
+        (dict(depth=3), "unknown size keyword"),
+    ],
+)
+def test_bad_sizes(tmp_path, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        make_tiny_model(tmp_path / "m", **kwargs)
+    assert not (tmp_path / "m").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_refuses_to_overwrite(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        make_tiny_model(tmp_path / "m")
+    assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
