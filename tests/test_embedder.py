@@ -79,7 +79,7 @@ def test_pooling_matches_plain_transformers_forward(emb, photos):
     items = _mixed_items(photos)
     ours = emb.encode(items, batch_size=7)
     bb = emb.backbone
-    batch = emb.collate([emb.prepare(it) for it in items])
+    batch = bb.to_device(emb.pre.collate([emb.prepare(it) for it in items]))
     kwargs = dict(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
     )
@@ -106,12 +106,12 @@ def test_high_resolution_gives_17_views(tiny_llava, photos):
 
 
 def test_overlong_text_is_truncated_keeping_image_tokens(emb, photos, caplog):
-    bb = emb.backbone
-    long_text = "word " * (bb.max_length + 50)
+    pre = emb.pre
+    long_text = "word " * (pre.max_length + 50)
     with caplog.at_level(logging.WARNING, logger="vlm2vec_rt"):
         ids, image = emb.prepare(Item(image=photos["chelsea"], text=long_text))
-    assert len(ids) == bb.max_length
-    assert sum(t == bb.image_token_id for t in ids) == image.num_tokens
+    assert len(ids) == pre.max_length
+    assert sum(t == pre.image_token_id for t in ids) == image.num_tokens
     assert "truncated" in caplog.text
     vec = emb.encode([Item(image=photos["chelsea"], text=long_text)])
     assert np.isfinite(vec).all()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 from vlm2vec_rt import InputError, make_tiny_model
-from vlm2vec_rt.models.backbones import load_backbone
+from vlm2vec_rt.models.preprocessors import load_preprocessor
 
 
 def _num_params(path) -> int:
@@ -18,8 +19,6 @@ def _num_params(path) -> int:
 
 
 def test_default_sizes_are_under_a_million(tiny_llava, tiny_qwen):
-    from pathlib import Path
-
     for path in (Path(tiny_llava), Path(tiny_qwen)):
         files = {p.name for p in path.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
@@ -28,19 +27,19 @@ def test_default_sizes_are_under_a_million(tiny_llava, tiny_qwen):
 
 
 def test_llava_processor_goes_up_to_1344(tiny_llava):
-    bb = load_backbone(tiny_llava)
-    assert [1344, 1344] in bb.grid_pinpoints and bb.crop_size == 336
-    assert bb.tokenizer.convert_ids_to_tokens(bb.image_token_id) == "<image>"
+    pre = load_preprocessor(tiny_llava)
+    assert [1344, 1344] in pre.grid_pinpoints and pre.crop_size == 336
+    assert pre.tokenizer.convert_ids_to_tokens(pre.image_token_id) == "<image>"
     # Llama tokenizers prepend <s>
-    assert bb.tokenizer("hi")["input_ids"][0] == bb.tokenizer.bos_token_id
+    assert pre.tokenizer("hi")["input_ids"][0] == pre.tokenizer.bos_token_id
 
 
 def test_qwen_tokenizer_knows_the_vision_tokens(tiny_qwen):
-    bb = load_backbone(tiny_qwen)
+    pre = load_preprocessor(tiny_qwen)
     for tok in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
-        assert tok in bb.tokenizer.get_vocab()
-    assert bb.tokenizer.convert_ids_to_tokens(bb.image_token_id) == "<|image_pad|>"
-    config = json.loads((bb.path / "config.json").read_text())
+        assert tok in pre.tokenizer.get_vocab()
+    assert pre.tokenizer.convert_ids_to_tokens(pre.image_token_id) == "<|image_pad|>"
+    config = json.loads((Path(tiny_qwen) / "config.json").read_text())
     assert config["model_type"] == "qwen2_vl"
 
 

@@ -1,35 +1,35 @@
-"""Backbone adapters: the few things that differ between LLaVA-NeXT and Qwen2-VL.
+"""Model side of a backbone: a transformers LLaVA-NeXT or Qwen2-VL model plus its `Preprocessor`.
 
-An adapter wraps a transformers model loaded from a local directory and exposes the seams of the data flow
-(ARCHITECTURE.md), which the Embedder, the trainer and the engine export all share:
+The seams of the data flow (ARCHITECTURE.md), shared by the Embedder, the trainer and the engine export:
 
-    uint8 HxWx3 --preprocess_image--> ImageInputs (pixel values + size/grid + token count)   [CPU, numpy]
-    text --tokenize (placeholder expanded to the image's token count)--> ids                  [CPU]
-    pixel values --encode_views (vision tower + projector)--> view features                  [model]
-    view features --pack (anyres unpad + newline / Qwen2-VL split)--> per-image features     [model, Python]
-    ids + features --embed_inputs--> inputs_embeds; + mask --position_ids--> positions
-    inputs_embeds, mask, positions --EmbeddingHead (decoder, last token, L2)--> embedding     [model]
+    NumpyBatch --to_device--> Batch
+    pixel values --encode_views (vision tower + projector)--> view features       [vision graph]
+    view features --pack (anyres unpad + newline / Qwen2-VL split)--> per-image   [stays in Python]
+    ids + per-image features --inputs_embeds--> inputs_embeds; mask --position_ids--> positions
+    inputs_embeds, mask, positions --EmbeddingHead--> L2-normalised last-token state  [decoder graph]
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..preprocess import text as text_ops
-from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER
-
-SUPPORTED = ("llava_next", "qwen2_vl")
+from .preprocessors import (
+    LlavaNextPreprocessor,
+    NumpyBatch,
+    Preprocessor,
+    Qwen2VLPreprocessor,
+    quiet_transformers,
+    read_model_type,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,21 +44,12 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class ImageInputs:
-    """One preprocessed image: what the vision tower takes and how many tokens it becomes in the text."""
-
-    pixel_values: np.ndarray  # LLaVA-NeXT: [views, 3, crop, crop]; Qwen2-VL: [patches, 3*T*P*P]
-    meta: tuple[int, ...]  # LLaVA-NeXT: original (height, width); Qwen2-VL: grid (t, h, w)
-    num_tokens: int
-
-
-@dataclass
 class Batch:
-    """A collated batch, left-padded, on the model's device."""
+    """A collated batch on the model's device."""
 
     input_ids: torch.Tensor  # [B, S] int64
     attention_mask: torch.Tensor  # [B, S] int64
-    pixel_values: torch.Tensor | None  # all images' views/patches concatenated
+    pixel_values: torch.Tensor | None  # all images' views/patches concatenated, in the model's dtype
     image_meta: torch.Tensor | None  # [num_images, 2 | 3] int64
     views_per_image: list[int]
 
@@ -94,85 +85,50 @@ class EmbeddingHead(nn.Module):
         return F.normalize(pooled.float(), p=2.0, dim=-1)
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own progress bars (loading/saving shards) inside our calls."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def read_model_type(path: str | os.PathLike) -> str:
-    """The `model_type` of a model directory's config.json; InputError if it is not a supported backbone."""
-    cfg_path = Path(path) / "config.json"
-    if not Path(path).is_dir():
-        raise InputError(f"model directory {os.fspath(path)!r} does not exist")
-    if not cfg_path.is_file():
-        raise InputError(f"{os.fspath(path)!r} is not a model directory: no config.json")
-    try:
-        model_type = json.loads(cfg_path.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{cfg_path}: not valid JSON ({e})") from None
-    if model_type not in SUPPORTED:
-        raise InputError(
-            f"{cfg_path}: model_type {model_type!r} is not a supported backbone (supported: {', '.join(SUPPORTED)})"
-        )
-    return model_type
-
-
 class Backbone:
-    """Shared behaviour of the adapters. Subclasses set the class attributes and the image-specific methods."""
+    """A loaded model and its preprocessor. Subclasses implement the image-specific model steps."""
 
     name: str = ""
     model_class: str = ""  # transformers class name
-    image_processor_class: str = ""
+    preprocessor_class: type[Preprocessor] = Preprocessor
 
-    def __init__(self, model: nn.Module, tokenizer, image_processor, path: Path):
-        self.model = model  # the transformers *ForConditionalGeneration (its LM head is dropped)
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+    def __init__(self, model: nn.Module, pre: Preprocessor, path: Path):
+        self.model = model  # the transformers *ForConditionalGeneration
+        self.pre = pre
         self.path = path
         self.config = model.config
-        self.image_token_id = int(self.config.image_token_id)
-        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        self.pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        )
-        self.max_length = text_ops.model_max_length(
-            tokenizer, getattr(self.config.text_config, "max_position_embeddings", None)
-        )
+        self.image_token_id = pre.image_token_id
         self.head = EmbeddingHead(self.inner.language_model)
-        # The seam the C++ tiling plugs into: uint8 HxWx3 -> ImageInputs.
-        self.image_preprocessor: Callable[[np.ndarray], ImageInputs] = self._preprocess_with_transformers
 
-    # ---- loading -------------------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "float32"
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        keep_lm_head: bool = False,
+        **preprocessor_kwargs: Any,
     ) -> Backbone:
+        """Load weights and preprocessor from a model directory.
+
+        The LM head is dropped unless keep_lm_head (embeddings never use it; a 7B model's head is 0.5 GB);
+        keep it when the model is saved again as a complete checkpoint (merging adapters).
+        """
         import transformers
 
         path = Path(path)
         dtype = torch_dtype(dtype)
+        pre = cls.preprocessor_class.load(path, **preprocessor_kwargs)
         try:
             with quiet_transformers():
                 model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype)
-                tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-                image_processor = getattr(transformers, cls.image_processor_class).from_pretrained(path)
-        except InputError:
-            raise
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot load {cls.name} model from {os.fspath(path)!r}: {e}") from None
-        # Embeddings only: the LM head is never used (a 7B model's head is 0.5 GB).
-        model.lm_head = None
+            raise InputError(f"cannot load {cls.name} weights from {os.fspath(path)!r}: {e}") from None
+        if not keep_lm_head:
+            model.lm_head = None
         model.to(device).eval()
-        return cls(model, tokenizer, image_processor, path)
+        return cls(model, pre, path)
 
     @property
     def inner(self) -> nn.Module:
@@ -191,30 +147,7 @@ class Backbone:
     def hidden_size(self) -> int:
         return int(self.config.text_config.hidden_size)
 
-    # ---- text ----------------------------------------------------------------------------------------
-    placeholder: str = ""  # what replaces MMEB's <|image_1|>
-
-    def tokenize(self, text: str, image: ImageInputs | None, what: str = "item") -> list[int]:
-        """Token ids of an MMEB-formatted text, the image placeholder expanded to the image's token count."""
-        expanded = text_ops.expand_placeholder(
-            text, self.placeholder, self.image_token, None if image is None else image.num_tokens
-        )
-        return text_ops.tokenize(
-            self.tokenizer,
-            expanded,
-            image_token_id=self.image_token_id,
-            num_image_tokens=0 if image is None else image.num_tokens,
-            max_length=self.max_length,
-            what=what,
-        )
-
-    # ---- images --------------------------------------------------------------------------------------
-    def preprocess_image(self, image: np.ndarray) -> ImageInputs:
-        return self.image_preprocessor(image)
-
-    def _preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
-        raise NotImplementedError
-
+    # ---- per backbone --------------------------------------------------------------------------------
     def encode_views(self, pixel_values: torch.Tensor, image_meta: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector over all views/patches of a batch."""
         raise NotImplementedError
@@ -228,36 +161,30 @@ class Backbone:
     def position_ids(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
-    # ---- batches -------------------------------------------------------------------------------------
-    def collate(self, token_ids: Sequence[list[int]], images: Sequence[ImageInputs | None]) -> Batch:
-        """Left-pad token ids and concatenate the images' pixel values, on the model's device."""
-        ids, mask = text_ops.left_pad(token_ids, self.pad_id)
-        present = [im for im in images if im is not None]
+    # ---- forward -------------------------------------------------------------------------------------
+    def to_device(self, batch: NumpyBatch) -> Batch:
+        """A preprocessor's numpy batch as tensors on the model's device (pixels in the model's dtype)."""
         device = self.device
         pixel_values = image_meta = None
-        if present:
-            pixel_values = torch.from_numpy(np.concatenate([im.pixel_values for im in present])).to(
-                device, self.dtype
-            )
-            image_meta = torch.tensor([im.meta for im in present], dtype=torch.long, device=device)
+        if batch.pixel_values is not None:
+            pixel_values = torch.from_numpy(batch.pixel_values).to(device, self.dtype)
+            image_meta = torch.from_numpy(batch.image_meta).to(device)
         return Batch(
-            input_ids=torch.from_numpy(ids).to(device),
-            attention_mask=torch.from_numpy(mask).to(device),
+            input_ids=torch.from_numpy(batch.input_ids).to(device),
+            attention_mask=torch.from_numpy(batch.attention_mask).to(device),
             pixel_values=pixel_values,
             image_meta=image_meta,
-            views_per_image=[im.pixel_values.shape[0] for im in present],
+            views_per_image=list(batch.views_per_image),
         )
 
     def inputs_embeds(self, batch: Batch) -> torch.Tensor:
         """Token embeddings with every image token replaced by its image feature."""
         embeds = self.inner.get_input_embeddings()(batch.input_ids)
         if batch.pixel_values is not None:
-            feats = self.pack(
-                self.encode_views(batch.pixel_values, batch.image_meta),
-                batch.image_meta,
-                batch.views_per_image,
+            views = self.encode_views(batch.pixel_values, batch.image_meta)
+            feats = torch.cat(self.pack(views, batch.image_meta, batch.views_per_image), dim=0).to(
+                embeds.dtype
             )
-            feats = torch.cat(feats, dim=0).to(embeds.dtype)
             slots = batch.input_ids == self.image_token_id
             if int(slots.sum()) != feats.shape[0]:
                 raise InputError(
@@ -272,46 +199,15 @@ class Backbone:
         return self.head(self.inputs_embeds(batch), batch.attention_mask, self.position_ids(batch))
 
 
-def _default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # With left padding the first real token gets position 0, as it would unpadded.
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class LlavaNext(Backbone):
-    """LLaVA-NeXT (LLaVA-1.6): CLIP tower, anyres tiles, Llama/Mistral decoder; placeholder `<image>`."""
+    """LLaVA-NeXT (LLaVA-1.6): CLIP tower, anyres tiles, Llama/Mistral decoder."""
 
     name = "llava_next"
     model_class = "LlavaNextForConditionalGeneration"
-    image_processor_class = "LlavaNextImageProcessorPil"
-
-    @property
-    def placeholder(self) -> str:  # type: ignore[override]
-        return self.image_token
-
-    @property
-    def crop_size(self) -> int:
-        return int(self.config.vision_config.image_size)
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.config.vision_config.patch_size)
-
-    @property
-    def grid_pinpoints(self) -> list[list[int]]:
-        return [list(p) for p in self.image_processor.image_grid_pinpoints]
-
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """Image tokens LLaVA-NeXT spends on an image of this size: base view + unpadded grid + one newline per row."""
-        return llava_next_num_tokens(height, width, self.grid_pinpoints, self.crop_size, self.patch_size)
-
-    def _preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
-        out = self.image_processor(image, return_tensors="np", input_data_format="channels_last")
-        pixel_values = np.asarray(out["pixel_values"][0], dtype=np.float32)
-        h, w = image.shape[:2]
-        return ImageInputs(pixel_values, (h, w), self.num_image_tokens(h, w))
+    preprocessor_class = LlavaNextPreprocessor
 
     def encode_views(self, pixel_values: torch.Tensor, image_meta: torch.Tensor) -> torch.Tensor:
-        # pixel_values [V, 3, crop, crop] -> [V, patches(, minus CLS), H]
+        # pixel_values [V, 3, crop, crop] -> [V, patches (CLS dropped by the "default" strategy), H]
         inner = self.inner
         out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         layer = self.config.vision_feature_layer
@@ -336,47 +232,16 @@ class LlavaNext(Backbone):
         return list(packed)
 
     def position_ids(self, batch: Batch) -> torch.Tensor:
-        return _default_position_ids(batch.attention_mask)
-
-
-def llava_next_num_tokens(height: int, width: int, grid_pinpoints, crop_size: int, patch_size: int) -> int:
-    """LLaVA-NeXT's image token count for an original (height, width): same arithmetic as its processor."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    best_h, best_w = select_best_resolution((height, width), grid_pinpoints)
-    side = crop_size // patch_size
-    cur_h, cur_w = side * (best_h // crop_size), side * (best_w // crop_size)
-    if width / height > cur_w / cur_h:
-        new_h = int(round(height * (cur_w / width), 7))
-        cur_h -= 2 * ((cur_h - new_h) // 2)
-    else:
-        new_w = int(round(width * (cur_h / height), 7))
-        cur_w -= 2 * ((cur_w - new_w) // 2)
-    return cur_h * cur_w + cur_h + side * side
+        # With left padding the first real token gets position 0, as it would unpadded.
+        return (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Qwen2VL(Backbone):
-    """Qwen2-VL: native-resolution ViT with 2x2 token merging, M-RoPE decoder; placeholder
-    `<|vision_start|><|image_pad|><|vision_end|>`."""
+    """Qwen2-VL: native-resolution ViT with 2x2 token merging, M-RoPE decoder."""
 
     name = "qwen2_vl"
     model_class = "Qwen2VLForConditionalGeneration"
-    image_processor_class = "Qwen2VLImageProcessorPil"
-    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
-
-    @property
-    def merge_size(self) -> int:
-        return int(self.config.vision_config.spatial_merge_size)
-
-    def _preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
-        try:
-            out = self.image_processor(image, return_tensors="np", input_data_format="channels_last")
-        except ValueError as e:  # e.g. aspect ratio over 200
-            raise InputError(f"image {image.shape[1]}x{image.shape[0]}: {e}") from None
-        grid = tuple(int(v) for v in out["image_grid_thw"][0])
-        return ImageInputs(
-            np.asarray(out["pixel_values"], dtype=np.float32), grid, int(np.prod(grid)) // self.merge_size**2
-        )
+    preprocessor_class = Qwen2VLPreprocessor
 
     def encode_views(self, pixel_values: torch.Tensor, image_meta: torch.Tensor) -> torch.Tensor:
         # pixel_values [patches, 3*T*P*P], image_meta = grid_thw [N, 3] -> merged tokens [patches / merge^2, H]
@@ -385,7 +250,7 @@ class Qwen2VL(Backbone):
     def pack(
         self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]
     ) -> list[torch.Tensor]:
-        sizes = (image_meta.prod(-1) // self.merge_size**2).tolist()
+        sizes = (image_meta.prod(-1) // self.pre.merge_size**2).tolist()
         return list(torch.split(view_features, sizes, dim=0))
 
     def position_ids(self, batch: Batch) -> torch.Tensor:
@@ -400,25 +265,9 @@ class Qwen2VL(Backbone):
 BACKBONES: dict[str, type[Backbone]] = {"llava_next": LlavaNext, "qwen2_vl": Qwen2VL}
 
 
-def load_backbone(
-    path: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "float32"
-) -> Backbone:
-    """Load the adapter for the model directory at `path` (a real checkpoint or a `make_tiny_model` one)."""
-    return BACKBONES[read_model_type(path)].load(path, device=device, dtype=dtype)
+def load_backbone(path: str | os.PathLike, **kwargs: Any) -> Backbone:
+    """Load the backbone of the model directory at `path` (a real checkpoint or a `make_tiny_model` one).
 
-
-__all__ = [
-    "BACKBONES",
-    "Backbone",
-    "Batch",
-    "EmbeddingHead",
-    "ImageInputs",
-    "LlavaNext",
-    "MMEB_IMAGE_PLACEHOLDER",
-    "Qwen2VL",
-    "last_token_pool",
-    "llava_next_num_tokens",
-    "load_backbone",
-    "read_model_type",
-    "torch_dtype",
-]
+    Keywords: device, dtype, keep_lm_head, and the preprocessor's (image_resolution, max_image_pixels).
+    """
+    return BACKBONES[read_model_type(path)].load(path, **kwargs)

@@ -13,33 +13,23 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..preprocess.images import DEFAULT_MAX_PIXELS, HIGH_RESOLUTION, load_image, resize_square
+from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
-from .backbones import Backbone, Batch, ImageInputs, load_backbone
-
-Prepared = tuple[list[int], ImageInputs | None]
+from .backbones import Backbone, load_backbone
+from .preprocessors import Prepared
 
 
 class Embedder:
-    """VLM2Vec embeddings in eager PyTorch: last token's final hidden state, L2-normalised.
+    """VLM2Vec embeddings in eager PyTorch: the last token's final hidden state, L2-normalised.
 
     >>> emb = Embedder.from_pretrained("path/to/model")
     >>> vecs = emb.encode([Item(text="a dog", instruction="Find me an everyday image that matches the given caption: ")])
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        image_resolution: str | None = None,
-        max_image_pixels: int = DEFAULT_MAX_PIXELS,
-    ):
-        if image_resolution not in (None, "high"):
-            raise InputError(f"image_resolution must be None or 'high', got {image_resolution!r}")
+    def __init__(self, backbone: Backbone, *, adapter: str | os.PathLike | None = None):
         self.backbone = backbone
-        self.image_resolution = image_resolution
-        self.max_image_pixels = max_image_pixels
-        self.adapter: str | None = None
+        self.pre = backbone.pre
+        self.adapter = None if adapter is None else os.fspath(adapter)
 
     @classmethod
     def from_pretrained(
@@ -54,14 +44,19 @@ class Embedder:
     ) -> Embedder:
         """Load a LLaVA-NeXT or Qwen2-VL model directory (optionally with a peft adapter directory applied).
 
-        image_resolution="high" resizes every image to 1344x1344 first, as VLM2Vec's high-resolution runs do.
+        image_resolution="high" resizes every image to 1344x1344 first, as VLM2Vec's high-resolution runs do;
+        images over max_image_pixels are refused (decompression-bomb guard).
         """
-        backbone = load_backbone(path, device=device, dtype=dtype)
+        backbone = load_backbone(
+            path,
+            device=device,
+            dtype=dtype,
+            image_resolution=image_resolution,
+            max_image_pixels=max_image_pixels,
+        )
         if adapter is not None:
             apply_adapter(backbone, adapter)
-        embedder = cls(backbone, image_resolution=image_resolution, max_image_pixels=max_image_pixels)
-        embedder.adapter = None if adapter is None else os.fspath(adapter)
-        return embedder
+        return cls(backbone, adapter=adapter)
 
     @property
     def dim(self) -> int:
@@ -71,41 +66,16 @@ class Embedder:
     @property
     def fingerprint(self) -> str:
         """Identifies what produces these embeddings (model files, adapter, dtype, resolution): cache keys."""
-        parts = [self.backbone.name, str(self.backbone.dtype), str(self.image_resolution)]
+        parts = [self.backbone.name, str(self.backbone.dtype), str(self.pre.image_resolution)]
         for folder in (self.backbone.path, self.adapter):
             if folder is not None:
                 parts.append(directory_signature(folder))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
-    # ---- preprocessing (CPU) -------------------------------------------------------------------------
-    def load_pixels(self, image: Any) -> np.ndarray:
-        """Decode, validate and (at "high" resolution) resize one image to uint8 HxWx3."""
-        pixels = load_image(image, max_pixels=self.max_image_pixels)
-        if self.image_resolution == "high":
-            pixels = resize_square(pixels, HIGH_RESOLUTION)
-        return pixels
-
     def prepare(self, item: Item, what: str = "item") -> Prepared:
-        """Token ids and preprocessed image of one item."""
-        image = None
-        if item.image is not None:
-            image = self.backbone.preprocess_image(self.load_pixels(item.image))
-        return self.backbone.tokenize(item.format_text(), image, what=what), image
+        """Token ids and preprocessed image of one item (see Preprocessor.prepare)."""
+        return self.pre.prepare(item, what)
 
-    def _prepare_many(self, items: Sequence[Item], offset: int) -> list[Prepared]:
-        out = []
-        for j, item in enumerate(items):
-            try:
-                out.append(self.prepare(item, what=f"item {offset + j}"))
-            except InputError as e:
-                msg = str(e)
-                raise InputError(msg if msg.startswith("item ") else f"item {offset + j}: {msg}") from None
-        return out
-
-    def collate(self, prepared: Sequence[Prepared]) -> Batch:
-        return self.backbone.collate([ids for ids, _ in prepared], [im for _, im in prepared])
-
-    # ---- encoding ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(
         self, items: Sequence[Item | str | Any], *, batch_size: int = 16, progress: bool = False
@@ -120,7 +90,8 @@ class Embedder:
         out = np.empty((len(items), self.dim), dtype=np.float32)
         bar = _progress(len(items), progress, "encode")
         for start, prepared in self._batches(items, batch_size):
-            out[start : start + len(prepared)] = self.backbone.forward(self.collate(prepared)).cpu().numpy()
+            batch = self.backbone.to_device(self.pre.collate(prepared))
+            out[start : start + len(prepared)] = self.backbone.forward(batch).cpu().numpy()
             bar.update(len(prepared))
         bar.close()
         return out
@@ -130,12 +101,12 @@ class Embedder:
         if not starts:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm2vec-prep") as pool:
-            future = pool.submit(self._prepare_many, items[:batch_size], 0)
+            future = pool.submit(self.pre.prepare_many, items[:batch_size], 0)
             for k, start in enumerate(starts):
                 prepared = future.result()
                 if k + 1 < len(starts):
                     nxt = starts[k + 1]
-                    future = pool.submit(self._prepare_many, items[nxt : nxt + batch_size], nxt)
+                    future = pool.submit(self.pre.prepare_many, items[nxt : nxt + batch_size], nxt)
                 yield start, prepared
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..errors import InputError
-from .backbones import quiet_transformers
+from .preprocessors import quiet_transformers
 
 # Text the tiny tokenizer's BPE merges are learned from: MMEB's instructions and the words of its tasks,
 # so typical inputs take few tokens. Anything else still encodes (byte-level fallback).
