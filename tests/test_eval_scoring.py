@@ -1,0 +1,90 @@
+"""Scoring: vectorised ranks equal the per-query reference loop; ties broken as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vlm2vec_rt import InputError
+from vlm2vec_rt.eval.scoring import metrics, positive_ranks, positive_ranks_reference
+
+
+def _problem(rng, num_q, uq, uc, width, dim, *, ragged, dups):
+    q = rng.standard_normal((uq, dim)).astype(np.float32)
+    c = rng.standard_normal((uc, dim)).astype(np.float32)
+    qi = rng.integers(0, uq, num_q)
+    ci = np.stack([rng.choice(uc, width, replace=uc < width) for _ in range(num_q)])
+    if dups:  # some lists repeat their positive or a negative
+        ci[::3, -1] = ci[::3, 0]
+        ci[1::4, 2] = ci[1::4, 1]
+    if ragged:
+        lengths = rng.integers(1, width + 1, num_q)
+        ci[np.arange(width)[None, :] >= lengths[:, None]] = -1
+    return q, c, qi, ci
+
+
+@pytest.mark.parametrize(
+    "num_q, uq, uc, width, dim",
+    [
+        (1, 1, 1, 1, 3),
+        (37, 11, 13, 13, 7),
+        (53, 53, 301, 29, 33),
+        (200, 17, 10, 10, 64),
+        (65, 40, 997, 211, 5),
+    ],
+)
+@pytest.mark.parametrize("ties", ["strict", "first"])
+def test_vectorised_equals_reference(num_q, uq, uc, width, dim, ties):
+    rng = np.random.default_rng(num_q * 7 + dim)
+    for ragged, dups in ((False, False), (True, True)):
+        if width < 3 and dups:
+            continue
+        q, c, qi, ci = _problem(rng, num_q, uq, uc, width, dim, ragged=ragged, dups=dups)
+        ref = positive_ranks_reference(q, c, qi, ci, ties=ties)
+        for strategy in ("auto", "dense", "gather"):
+            np.testing.assert_array_equal(positive_ranks(q, c, qi, ci, ties=ties, strategy=strategy), ref)
+
+
+def test_small_chunks_give_the_same_ranks(monkeypatch):
+    import vlm2vec_rt.eval.scoring as scoring
+
+    rng = np.random.default_rng(5)
+    q, c, qi, ci = _problem(rng, 101, 31, 77, 19, 9, ragged=True, dups=True)
+    ref = positive_ranks_reference(q, c, qi, ci)
+    monkeypatch.setattr(scoring, "_CHUNK_BYTES", 1)  # one query per chunk
+    for strategy in ("dense", "gather"):
+        np.testing.assert_array_equal(positive_ranks(q, c, qi, ci, strategy=strategy), ref)
+
+
+def test_ties_hand_computed():
+    # Query (1, 0); candidates: c0 (positive) = (1, 0); c1 = (1, 0) (a different input, same vector);
+    # c2 = (0, 1); c3 = (-1, 0).
+    q = np.array([[1.0, 0.0]])
+    c = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    ci = np.array([[0, 1, 2, 3], [0, 2, 3, -1], [0, 0, 2, 3], [2, 0, 3, -1]])
+    qi = np.zeros(4, dtype=np.int64)
+    # strict: a distinct candidate that ties ranks above; a duplicate of the positive does not count.
+    np.testing.assert_array_equal(positive_ranks(q, c, qi, ci), [2, 1, 1, 2])
+    # first: the lowest index wins ties (np.argmax, as the reference code).
+    np.testing.assert_array_equal(positive_ranks(q, c, qi, ci, ties="first"), [1, 1, 1, 2])
+    # A collapsed encoder (all vectors equal) scores 0 under strict, 1 under first.
+    same, pairs = np.ones((4, 2)), np.array([[0, 1], [0, 2], [1, 3], [2, 0]])
+    assert metrics(positive_ranks(same[:1], same, qi, pairs))["precision_at_1"] == 0.0
+    assert metrics(positive_ranks(same[:1], same, qi, pairs, ties="first"))["precision_at_1"] == 1.0
+
+
+def test_zero_vectors_and_metrics():
+    q = np.zeros((1, 3))
+    c = np.eye(3)
+    ranks = positive_ranks(q, c, np.array([0]), np.array([[0, 1, 2]]))
+    assert ranks.tolist() == [3]  # every score is 0: strict ties put both rivals above
+    m = metrics(np.array([1, 2, 5, 6]))
+    assert m == {
+        "precision_at_1": 0.25,
+        "hit_at_5": 0.75,
+        "mrr": pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 6) / 4),
+    }
+    with pytest.raises(InputError):
+        metrics(np.array([]))
+    with pytest.raises(InputError, match="ties"):
+        positive_ranks(q, c, np.array([0]), np.array([[0, 1]]), ties="optimistic")
