@@ -9,8 +9,11 @@ ext_modules = [
     Pybind11Extension(
         "vlm2vec_rt._C",
         sorted(glob("csrc/*.cpp")),
+        depends=sorted(glob("csrc/*.h")),
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        # -ffp-contract=off: the resampler's coefficients must round exactly as Pillow's (no fused
+        # multiply-add). SIMD kernels are chosen at run time (target attributes), not by -march.
+        extra_compile_args=["-O3", "-ffp-contract=off"],
     )
 ]
 

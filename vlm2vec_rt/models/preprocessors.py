@@ -99,6 +99,7 @@ class Preprocessor:
         *,
         image_resolution: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        tiling: str = "cpp",
     ):
         if image_resolution not in IMAGE_RESOLUTIONS:
             raise InputError(f"image_resolution must be None or 'high', got {image_resolution!r}")
@@ -116,6 +117,7 @@ class Preprocessor:
         )
         # The seam the C++ tiling plugs into: uint8 HxWx3 -> ImageInputs.
         self.image_preprocessor: Callable[[np.ndarray], ImageInputs] = self.preprocess_with_transformers
+        self.use_tiling(tiling)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> Preprocessor:
@@ -146,6 +148,25 @@ class Preprocessor:
     def preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
         """The reference image path: transformers' Pillow image processor."""
         raise NotImplementedError
+
+    def preprocess_with_cpp(self, image: np.ndarray) -> ImageInputs:
+        """The fast image path: the C++ tiling (vlm2vec_rt.tiling), same values, no GIL held."""
+        raise NotImplementedError
+
+    def use_tiling(self, tiling: str) -> None:
+        """Images through the C++ tiling ("cpp", the default) or transformers' image processor ("transformers")."""
+        from ..preprocess import tiling as tiling_ops
+
+        if tiling == "cpp":
+            # Checked now: a processor configuration the C++ path cannot reproduce fails at load, not per image.
+            options = {"llava_next": tiling_ops.llava_next_options, "qwen2_vl": tiling_ops.qwen2vl_options}
+            self.tiling_options = options[self.name](self.image_processor)
+            self.image_preprocessor = self.preprocess_with_cpp
+        elif tiling == "transformers":
+            self.image_preprocessor = self.preprocess_with_transformers
+        else:
+            raise InputError(f"tiling must be 'cpp' or 'transformers', got {tiling!r}")
+        self.tiling = tiling
 
     # ---- items ---------------------------------------------------------------------------------------
     def load_pixels(self, image: Any) -> np.ndarray:
@@ -233,6 +254,13 @@ class LlavaNextPreprocessor(Preprocessor):
         h, w = image.shape[:2]
         return ImageInputs(pixel_values, (h, w), self.num_image_tokens(h, w))
 
+    def preprocess_with_cpp(self, image: np.ndarray) -> ImageInputs:
+        from ..preprocess import tiling
+
+        pixel_values = tiling.anyres(image, max_image_pixels=self.max_image_pixels, **self.tiling_options)
+        h, w = image.shape[:2]
+        return ImageInputs(pixel_values, (h, w), self.num_image_tokens(h, w))
+
 
 def llava_next_num_tokens(height: int, width: int, grid_pinpoints, crop_size: int, patch_size: int) -> int:
     """LLaVA-NeXT's image token count for an original (height, width): same arithmetic as its processor.
@@ -271,6 +299,14 @@ class Qwen2VLPreprocessor(Preprocessor):
             raise InputError(f"image {image.shape[1]}x{image.shape[0]}: {e}") from None
         grid = tuple(int(v) for v in out["image_grid_thw"][0])
         pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
+        return ImageInputs(pixel_values, grid, int(np.prod(grid)) // self.merge_size**2)
+
+    def preprocess_with_cpp(self, image: np.ndarray) -> ImageInputs:
+        from ..preprocess import tiling
+
+        pixel_values, grid = tiling.qwen2vl(
+            image, max_image_pixels=self.max_image_pixels, **self.tiling_options
+        )
         return ImageInputs(pixel_values, grid, int(np.prod(grid)) // self.merge_size**2)
 
 
