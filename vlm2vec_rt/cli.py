@@ -34,15 +34,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_dir=args.model,
         data_dir=args.data,
         out_dir=args.out,
+        resume=args.resume,
+        progress=True,
+        datasets=args.datasets.split(",") if args.datasets else None,
+        split=args.split,
+        image_root=args.image_root,
         lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        dora=args.dora,
+        full_finetune=args.full_finetune,
+        train_vision=args.train_vision,
         batch_size=args.batch_size,
         gc_chunk=args.gc_chunk,
         steps=args.steps,
         temperature=args.temperature,
-        resume=args.resume,
-        progress=True,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        device=args.device,
+        image_resolution=args.image_resolution,
     )
-    print(f"adapter written to {out}")
+    print(f"{'model' if args.full_finetune else 'adapter'} written to {out}")
     return 0
 
 
@@ -57,7 +74,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from .engine.build import build_engine
 
-    out = build_engine(args.model, args.out, precision=args.engine, backend=args.backend)
+    out = build_engine(
+        args.model,
+        args.out,
+        precision=args.engine,
+        backend=args.backend,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
     print(f"engine written to {out}")
     return 0
 
@@ -98,7 +122,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.cli import run_eval
+    from .eval.run import run_eval
 
     return run_eval(args, load_encoder)
 
@@ -162,11 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="DIR")
     p.add_argument("--data", required=True, metavar="DIR", help="MMEB-train layout")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--datasets", help="comma-separated dataset folders (default: every one in --data)")
+    p.add_argument("--split", default="original", help="parquet files <split>-*.parquet (default: original)")
+    p.add_argument("--image-root", metavar="DIR", help="images root (default: DATA/train_images or DATA)")
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--gc-chunk", type=int, default=4)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: 4 x rank")
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--dora", action="store_true", help="DoRA (weight-decomposed LoRA)")
+    p.add_argument("--full-finetune", action="store_true", help="train the language model, no adapter")
+    p.add_argument("--train-vision", action="store_true", help="also adapt the vision tower and projector")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch over all ranks")
+    p.add_argument("--gc-chunk", type=int, default=4, help="GradCache chunk size")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N")
+    p.add_argument("--keep-checkpoints", type=int, default=2, metavar="K")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:<local rank> under torchrun)")
+    p.add_argument("--image-resolution", choices=["high"], default=None, help="resize images to 1344x1344")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
@@ -181,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", required=True, choices=["fp16", "fp32", "int8"], help="precision")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"])
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="engine device (default: cuda if present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing engine at --out")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("embed", parents=[common], help="embed text, an image, or a JSONL file of items")
@@ -194,12 +237,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.npy")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("eval", parents=[common], help="MMEB evaluation (Precision@1)")
-    _add_encoder_flags(p)
+    p = sub.add_parser(
+        "eval", parents=[common], help="MMEB evaluation (Precision@1), or --compare two evaluation runs"
+    )
+    # The encoder flags of _add_encoder_flags, with --compare as a third choice (no encoder needed).
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="DIR", help="a model directory (eager PyTorch)")
+    src.add_argument("--engine", metavar="DIR", help="an engine directory built by `vlm2vec-rt build`")
+    src.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="two eval --out directories side by side (B - A)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda (default: cpu; cuda:<local rank> under torchrun)"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="eager dtype"
+    )
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", metavar="DIR", help="MMEB-eval layout (default: the bundled benchmark)")
     p.add_argument("--datasets", help="comma-separated dataset names (default: every folder in --data)")
     p.add_argument("--image-root", metavar="DIR", help="images root (default: DATA/eval_images)")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="skip and report rows with missing images or empty candidate lists, and datasets without a "
+        "readable parquet file, instead of stopping",
+    )
+    p.add_argument(
+        "--cache", metavar="DIR", help="embedding cache (default: OUT/cache); reruns resume from it"
+    )
+    p.add_argument(
+        "--ties",
+        choices=["strict", "first"],
+        default="strict",
+        help="strict: the positive must beat every other candidate; first: the reference code's argmax",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks against eager PyTorch (JSON + PNG)")

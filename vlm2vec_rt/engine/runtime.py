@@ -1,0 +1,184 @@
+"""`Engine`: embeddings from a built engine directory, with the Embedder's `encode` contract.
+
+    items --Preprocessor (worker thread, one window ahead)--> token ids + pixels
+          --token-budget batches (longest first)--> vision graph --host: pack, embed, positions--> decoder graph
+          --> float32 [N, D] unit rows, in input order
+
+The full torch model is never loaded: the graphs run in the backend (onnxruntime, TensorRT, AOTInductor),
+the host side needs only the embedding table, image_newline and the config (engine/host.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EngineError, InputError
+from ..models.embedder import _progress
+from ..models.preprocessors import NumpyBatch, load_preprocessor
+from ..preprocess.batching import prepare_ahead, token_budget_batches
+from ..preprocess.images import DEFAULT_MAX_PIXELS
+from ..preprocess.items import Item, as_items
+from .backends import require
+from .host import HOSTS
+from .manifest import MANIFEST, read_manifest, verify_files
+
+PREPROCESSOR_DIR = "preprocessor"
+DEFAULT_MAX_TOKENS = 8192  # padded tokens per decoder call: bounds activation memory, not batch count
+_WINDOW_BATCHES = 4  # items are prepared, sorted and batched a window of batch_size x this at a time
+
+
+class Engine:
+    """A loaded engine: `encode` like `Embedder.encode`, from the engine's graphs and host side.
+
+    >>> eng = Engine.load("engines/llava-fp16")
+    >>> vecs = eng.encode(["a dog", Item(image="cat.jpg")])   # float32 [2, eng.dim], unit rows
+
+    Thread-safe: many threads may call `encode` at once (the backends' sessions are shared).
+    """
+
+    def __init__(self, path: Path, manifest: dict, pre, host, runner, device: str):
+        self.path = path
+        self.manifest = manifest
+        self.pre = pre
+        self.host = host
+        self.runner = runner
+        self.device = device
+        self.max_batch = int(manifest.get("limits", {}).get("max_batch") or 1 << 30)
+
+    @classmethod
+    def load(
+        cls,
+        engine_dir: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        num_threads: int | None = None,
+        image_resolution: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        tiling: str | None = None,
+        verify: bool = True,
+        _allow_incomplete: bool = False,
+    ) -> Engine:
+        """Check and load an engine directory built by `build_engine`.
+
+        Checks, each an EngineError naming the problem: the manifest's format version, that the build
+        finished, every file against its sha256 (verify=False skips the hashing of a trusted engine),
+        the backend installed and able to run on `device`. num_threads: the backend's intra-op threads
+        (default: the cores this process may use). image_resolution, max_image_pixels, tiling: as for
+        Embedder (tiling=None: the Preprocessor's default image path).
+        """
+        path = Path(engine_dir)
+        manifest = read_manifest(path, allow_incomplete=_allow_incomplete)
+        backend = manifest["backend"]
+        built_for = manifest.get("device", "cpu")
+        if device != built_for and backend != "onnxruntime":
+            raise EngineError(
+                f"{os.fspath(path)!r} is a {backend} engine built for {built_for}; rebuild it for {device}"
+            )
+        module = require(backend, device)
+        if verify:
+            verify_files(path, manifest)
+        try:
+            options = {} if tiling is None else {"tiling": tiling}
+            pre = load_preprocessor(
+                path / PREPROCESSOR_DIR,
+                image_resolution=image_resolution,
+                max_image_pixels=max_image_pixels,
+                **options,
+            )
+        except InputError as e:
+            raise EngineError(f"engine {os.fspath(path)!r}: {e}") from None
+        if pre.name != manifest["backbone"]:
+            raise EngineError(
+                f"{path / MANIFEST}: backbone {manifest['backbone']!r} but the preprocessor is {pre.name!r}"
+            )
+        host = HOSTS[pre.name](pre, path)
+        if host.hidden_size != manifest["dim"]:
+            raise EngineError(
+                f"{path / MANIFEST}: dim {manifest['dim']} but the embedding table has {host.hidden_size}"
+            )
+        runner = module.Runner(path, manifest, device, num_threads)
+        return cls(path, manifest, pre, host, runner, device)
+
+    # ---- what it is -----------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Embedding dimension (the decoder's hidden size)."""
+        return int(self.manifest["dim"])
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what produces these embeddings (the engine's files by hash, image path): cache keys."""
+        parts = [self.manifest["backbone"], self.precision, self.backend, str(self.pre.image_resolution)]
+        parts.append(str(getattr(self.pre, "tiling", "transformers")))
+        parts += [f"{name}:{digest}" for name, digest in sorted(self.manifest["files"].items())]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (
+            f"Engine({os.fspath(self.path)!r}, backbone={self.manifest['backbone']}, precision={self.precision}, "
+            f"backend={self.backend}, device={self.device}, dim={self.dim})"
+        )
+
+    # ---- encode ---------------------------------------------------------------------------------------
+    def encode(
+        self,
+        items: Sequence[Item | str | Any],
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+    ) -> np.ndarray:
+        """Embed items (Item, str for text, PIL.Image for an image) -> float32 [N, dim], unit-norm rows.
+
+        Items are batched by length (at most batch_size items and max_tokens padded tokens per decoder
+        call); the next window of items is preprocessed on a worker thread while the model runs.
+        """
+        if self.runner is None:
+            raise EngineError(f"engine {os.fspath(self.path)!r} is closed")
+        items = as_items(items)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        bar = _progress(len(items), progress, "encode")
+        for start, prepared in prepare_ahead(self.pre, items, batch_size * _WINDOW_BATCHES):
+            lengths = [len(ids) for ids, _ in prepared]
+            for idx in token_budget_batches(
+                lengths, max_tokens=max_tokens, max_batch=min(batch_size, self.max_batch)
+            ):
+                out[start + idx] = self.run_batch(self.pre.collate([prepared[i] for i in idx]))
+                bar.update(len(idx))
+        bar.close()
+        return out
+
+    def run_batch(self, batch: NumpyBatch) -> np.ndarray:
+        """One collated batch through vision graph, host side and decoder graph -> [B, dim] float32."""
+        features: list[np.ndarray] = []
+        if batch.pixel_values is not None:
+            outputs = [self.runner.run("vision", feed) for feed in self.host.vision_feeds(batch)]
+            features = self.host.pack(outputs, batch)
+        feeds = {
+            "inputs_embeds": self.host.inputs_embeds(batch.input_ids, features),
+            "attention_mask": batch.attention_mask,
+            "position_ids": self.host.position_ids(batch),
+        }
+        return self.runner.run("decoder", feeds)
+
+    def close(self) -> None:
+        """Release the backend's sessions now (garbage collection does it otherwise); encode then fails."""
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
