@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import EngineError, InputError
-from ..models.embedder import _progress
 from ..models.preprocessors import NumpyBatch, load_preprocessor
 from ..preprocess.batching import prepare_ahead, token_budget_batches
 from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
+from ..progress import progress_bar
 from .backends import require
 from .host import HOSTS
 from .manifest import MANIFEST, read_manifest, verify_files
@@ -153,7 +153,7 @@ class Engine:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(items), self.dim), dtype=np.float32)
-        bar = _progress(len(items), progress, "encode")
+        bar = progress_bar(len(items), enabled=progress, desc="encode")
         for start, prepared in prepare_ahead(self.pre, items, batch_size * _WINDOW_BATCHES):
             lengths = [len(ids) for ids, _ in prepared]
             for idx in token_budget_batches(

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..progress import progress_bar
 from .cache import EmbeddingCache, SideCache, keys_digest
 from .distributed import SingleProcess
 from .reader import EvalData
@@ -118,7 +119,7 @@ def encode_side(
     else:
         todo = None
     todo = comm.broadcast(todo)
-    bar = _progress(len(keys), progress and comm.is_main, f"{data.name} {side}")
+    bar = progress_bar(len(keys), enabled=progress and comm.is_main, desc=f"{data.name} {side}", leave=False)
     bar.update(len(keys) - sum(min(chunk_size, len(keys) - c * chunk_size) for c in todo))
 
     # Each round every rank encodes one chunk; rank 0 collects them (and writes them to the cache).
@@ -194,9 +195,3 @@ def _first_row(data: EvalData, side: str, key: int) -> int:
     else:
         hits = np.nonzero((data.candidate_index == key).any(axis=1))[0]
     return int(data.rows[hits[0]]) if hits.size else -1
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="item", dynamic_ncols=True, leave=False)

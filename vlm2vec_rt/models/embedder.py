@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..preprocess.batching import prepare_ahead
 from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
+from ..progress import progress_bar
 from .backbones import Backbone, load_backbone
 from .preprocessors import Prepared
 
@@ -86,32 +87,19 @@ class Embedder:
     ) -> np.ndarray:
         """Embed items (Item, str for text, PIL.Image for an image) -> float32 [N, dim], unit-norm rows.
 
-        Preprocessing of the next batch runs on a worker thread while the model runs the current one.
+        The next batch is preprocessed on a worker thread while the model runs the current one.
         """
         items = as_items(items)
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(items), self.dim), dtype=np.float32)
-        bar = _progress(len(items), progress, "encode")
-        for start, prepared in self._batches(items, batch_size):
+        bar = progress_bar(len(items), enabled=progress, desc="encode")
+        for start, prepared in prepare_ahead(self.pre, items, batch_size):
             batch = self.backbone.to_device(self.pre.collate(prepared))
             out[start : start + len(prepared)] = self.backbone.forward(batch).cpu().numpy()
             bar.update(len(prepared))
         bar.close()
         return out
-
-    def _batches(self, items: list[Item], batch_size: int) -> Iterator[tuple[int, list[Prepared]]]:
-        starts = list(range(0, len(items), batch_size))
-        if not starts:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm2vec-prep") as pool:
-            future = pool.submit(self.pre.prepare_many, items[:batch_size], 0)
-            for k, start in enumerate(starts):
-                prepared = future.result()
-                if k + 1 < len(starts):
-                    nxt = starts[k + 1]
-                    future = pool.submit(self.pre.prepare_many, items[nxt : nxt + batch_size], nxt)
-                yield start, prepared
 
 
 def apply_adapter(backbone: Backbone, adapter: str | os.PathLike) -> None:
@@ -136,9 +124,3 @@ def directory_signature(folder: str | os.PathLike) -> str:
         if f.suffix == ".json" and st.st_size < 1 << 20:
             h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="item", dynamic_ncols=True)
