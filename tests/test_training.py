@@ -1,0 +1,338 @@
+"""Training: the MMEB-train reader and its bad-data errors, the sampler, checkpoints and exact resume after
+SIGKILL, adapter merge, and the `train` / `merge` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from vlm2vec_rt import Embedder, InputError, Item
+from vlm2vec_rt.sample_images import digits
+from vlm2vec_rt.training.data import DistinctTargetSampler, read_train_data
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+QUERY = "<|image_1|>\nRepresent the given image for classification.\n"
+COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
+
+
+def write_parquet(path: Path, columns: dict[str, list]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({k: pa.array(v, type=pa.string()) for k, v in columns.items()}), path)
+    return path
+
+
+def write_digit_set(
+    root: Path, n: int = 40, *, start: int = 0, negatives: bool = True, name="Digits"
+) -> Path:
+    """A small MMEB-train dataset: a digit image -> its label word; hard negative: the next label word."""
+    images, labels = digits()
+    rows = {c: [] for c in COLUMNS}
+    for i in range(start, start + n):
+        rel = f"images/{name}/{i}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).convert("RGB").resize((32, 32), Image.Resampling.NEAREST).save(root / rel)
+        label = int(labels[i])
+        for col, value in zip(
+            COLUMNS, (QUERY, rel, WORDS[label], "", WORDS[(label + 1) % 10] if negatives else "", "")
+        ):
+            rows[col].append(value)
+    write_parquet(root / name / "original-00000-of-00001.parquet", rows)
+    return root
+
+
+@pytest.fixture()
+def digit_set(tmp_path) -> Path:
+    return write_digit_set(tmp_path / "data")
+
+
+# ---- reader ------------------------------------------------------------------------------------------------
+def test_reader_builds_items_and_mixes_datasets(tmp_path):
+    root = write_digit_set(tmp_path / "data", 12)
+    write_digit_set(root, 5, start=100, negatives=False, name="More")
+    write_parquet(root / "More" / "diverse_instruction-00000-of-00001.parquet", {c: [QUERY] for c in COLUMNS})
+    data = read_train_data(root)
+    assert data.datasets == {"Digits": 12, "More": 5}
+    first = data.examples[0]
+    assert isinstance(first.query, Item) and os.path.isfile(first.query.image)
+    assert first.query.format_text() == QUERY  # MMEB's text kept as written
+    assert first.positive.image is None and first.positive.text in WORDS
+    assert first.negative is not None and data.examples[-1].negative is None
+    assert "original-00000-of-00001.parquet, row 0" in first.source
+    assert read_train_data(root, datasets=["More"]).datasets == {"More": 5}
+
+
+PARQUET = "Digits/original-00000-of-00001.parquet"
+
+
+def _corrupt(root: Path, column: str, row: int, value) -> None:
+    table = pq.read_table(root / PARQUET).to_pydict()
+    table[column][row] = value
+    write_parquet(root / PARQUET, table)
+
+
+def _no_text_no_image(root: Path) -> None:
+    _corrupt(root, "qry", 3, "")
+    _corrupt(root, "qry_image_path", 3, "")
+
+
+# case -> (damage done to a good set, the error it must raise)
+BAD_DATA = {
+    "missing image": (
+        lambda root: os.remove(root / "images/Digits/7.png"),
+        r"row 7: the query image file .*7\.png' does not exist",
+    ),
+    "empty parquet": (
+        lambda root: write_parquet(root / PARQUET, {c: [] for c in COLUMNS}),
+        "original-00000-of-00001.parquet: has no rows",
+    ),
+    "wrong columns": (
+        lambda root: write_parquet(root / PARQUET, {"query": ["a"], "positive": ["b"]}),
+        r"lacks column\(s\) \['qry', 'qry_image_path', 'pos_text', 'pos_image_path'\]",
+    ),
+    "neither text nor image": (_no_text_no_image, "row 3: the query has neither text nor image"),
+    "positive without anything": (
+        lambda root: _corrupt(root, "pos_text", 5, None),
+        "row 5: the positive has neither text nor image",
+    ),
+    "placeholder without image": (
+        lambda root: _corrupt(root, "qry_image_path", 2, ""),
+        "row 2: the query text holds <|image_1|> but 'qry_image_path' is empty",
+    ),
+    "not parquet": (
+        lambda root: (root / PARQUET).write_bytes(b"not a parquet file"),
+        "cannot read as parquet",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_names_file_and_row(digit_set, case):
+    damage, message = BAD_DATA[case]
+    damage(digit_set)
+    with pytest.raises(InputError, match=message) as e:
+        read_train_data(digit_set)
+    assert "original-00000-of-00001.parquet" in str(e.value)
+
+
+def test_no_data(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_train_data(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="no training data"):
+        read_train_data(tmp_path)
+    with pytest.raises(InputError, match="dataset 'Nope'"):
+        read_train_data(write_digit_set(tmp_path / "d", 3), datasets=["Nope"])
+
+
+def test_bad_data_stops_training_before_any_step(tmp_path, tiny_qwen, digit_set):
+    from vlm2vec_rt.cli import main
+
+    os.remove(digit_set / "images/Digits/13.png")
+    steps = []
+    from vlm2vec_rt.training.trainer import train
+
+    with pytest.raises(InputError, match="row 13"):
+        train(
+            tiny_qwen,
+            digit_set,
+            tmp_path / "out",
+            steps=2,
+            batch_size=4,
+            callback=lambda s, m: steps.append(s),
+        )
+    assert steps == [] and not (tmp_path / "out").exists()
+    assert (
+        main(["train", "--model", tiny_qwen, "--data", str(digit_set), "--out", str(tmp_path / "out")]) == 2
+    )
+
+
+# ---- sampler -----------------------------------------------------------------------------------------------
+def test_sampler_keeps_equal_targets_apart():
+    rng = np.random.default_rng(0)
+    targets = [(f"label {int(x)}", "") for x in rng.integers(0, 10, 503)]
+    sampler = DistinctTargetSampler(targets, 8, seed=3)
+    batches = sampler.epoch(0)
+    for b in batches:
+        assert len(b) == 8 and len({targets[i] for i in b}) == 8
+    used = np.concatenate(batches)
+    assert len(set(used.tolist())) == len(used) >= 480  # each example at most once, few left for later epochs
+    again = DistinctTargetSampler(targets, 8, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again.epoch(0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, sampler.epoch(1)))
+    # the position after the last batch of an epoch is the first batch of the next
+    last, epoch, index = sampler.batch_at(0, len(batches) - 1)
+    assert np.array_equal(last, batches[-1]) and (epoch, index) == (0, len(batches))
+    first, epoch, index = sampler.batch_at(epoch, index)
+    assert np.array_equal(first, sampler.epoch(1)[0]) and (epoch, index) == (1, 1)
+
+
+def test_sampler_refuses_batches_larger_than_the_labels():
+    with pytest.raises(InputError, match="larger than the number of distinct targets"):
+        DistinctTargetSampler([("a", ""), ("b", ""), ("a", "")], 3)
+
+
+# ---- resume after SIGKILL ----------------------------------------------------------------------------------
+SETTINGS = dict(
+    steps=6, batch_size=4, gc_chunk=3, checkpoint_every=3, lr=1e-3, lora_r=4, lora_dropout=0.2, warmup_steps=2
+)
+KILLED_RUN = textwrap.dedent(
+    f"""
+    import os, signal, sys, torch
+    torch.set_num_threads(int(sys.argv[4]))
+    from vlm2vec_rt.training.trainer import train
+
+    def callback(step, metrics):
+        if step == 4:  # after the checkpoint at step 3, before the next one
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(sys.argv[1], sys.argv[2], sys.argv[3], callback=callback, **{SETTINGS!r})
+    """
+)
+
+
+def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, tiny_qwen, digit_set):
+    """Killed (SIGKILL, in a subprocess) after its checkpoint at step 3, resumed, it ends where a run that was
+    never interrupted ends: the same parameters bit for bit (CPU, same thread count)."""
+    from vlm2vec_rt.training.trainer import train
+
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    cmd = [
+        sys.executable,
+        str(script),
+        tiny_qwen,
+        str(digit_set),
+        str(tmp_path / "a"),
+        str(torch.get_num_threads()),
+    ]
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000003"] and not (tmp_path / "a" / "adapter").exists()
+    # a checkpoint write that was killed half way leaves a temporary folder: ignored and removed on resume
+    (tmp_path / "a" / "checkpoints" / ".step-00000006.abc.tmp").mkdir()
+    train(tiny_qwen, digit_set, tmp_path / "a", resume=True, **SETTINGS)
+    train(tiny_qwen, digit_set, tmp_path / "b", **SETTINGS)
+
+    got, want = _adapter_tensors(tmp_path / "a" / "adapter"), _adapter_tensors(tmp_path / "b" / "adapter")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    initial = {k: v for k, v in want.items() if "lora_B" in k}
+    assert any(v.abs().max() > 0 for v in initial.values())  # training moved the adapter
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000003", "step-00000006"]
+    # a checkpoint's adapter is the run's adapter at that step
+    last = _adapter_tensors(tmp_path / "a" / "checkpoints" / "step-00000006" / "adapter")
+    assert all(torch.equal(last[k], want[k]) for k in want)
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran twice: once before the kill
+    assert {"loss", "lr", "examples_per_s"} <= log[0].keys()
+
+
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_dirs(tmp_path, tiny_qwen, digit_set):
+    from vlm2vec_rt.training.trainer import train
+
+    out = train(tiny_qwen, digit_set, tmp_path / "out", steps=1, batch_size=4, gc_chunk=4, lora_r=2)
+    assert (out / "adapter_config.json").is_file()
+    with pytest.raises(InputError, match="already holds a training run"):
+        train(tiny_qwen, digit_set, tmp_path / "out", steps=1, batch_size=4)
+    with pytest.raises(InputError, match="batch_size: 4 -> 8"):
+        train(tiny_qwen, digit_set, tmp_path / "out", steps=1, batch_size=8, lora_r=2, resume=True)
+
+
+def test_full_finetune_writes_a_complete_model(tmp_path, tiny_qwen, digit_set):
+    from vlm2vec_rt.training.trainer import train
+
+    out = train(tiny_qwen, digit_set, tmp_path / "ft", steps=1, batch_size=4, full_finetune=True, lr=1e-3)
+    assert out.name == "model" and not (tmp_path / "ft" / "adapter").exists()
+    items = [Item(text="seven"), Item(image=digits()[0][3], instruction="Represent the given image.")]
+    tuned = Embedder.from_pretrained(out).encode(items)
+    base = Embedder.from_pretrained(tiny_qwen).encode(items)
+    assert (tuned * base).sum(1).min() < 0.99999  # the weights moved
+
+
+# ---- merge -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_model_embeds_like_the_adapter(tmp_path, tiny_model, photos, dora):
+    from vlm2vec_rt.models.backbones import load_backbone
+    from vlm2vec_rt.training.lora import add_adapter, merge_adapter
+
+    bb = load_backbone(tiny_model)
+    torch.manual_seed(0)
+    peft_model = add_adapter(bb, r=4, dora=dora, train_vision=True)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:  # a trained-looking adapter
+                p.add_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    merged = merge_adapter(tiny_model, tmp_path / "adapter", tmp_path / "merged")
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    items = [
+        Item(text="a cat"),
+        Item(image=photos["chelsea"], instruction="Represent the given image."),
+        Item(image=photos["coffee"][:120, :200], text="What is in the cup?", instruction="Question: "),
+    ]
+    want = Embedder.from_pretrained(tiny_model, adapter=tmp_path / "adapter").encode(items)
+    got = Embedder.from_pretrained(merged).encode(items)
+    base = Embedder.from_pretrained(tiny_model).encode(items)
+    assert (got * want).sum(1).min() >= 0.99999
+    assert (got * base).sum(1).min() < 0.999  # the adapter did change the model
+    # the merged directory is a complete checkpoint: the LM head came along
+    full = load_backbone(merged, keep_lm_head=True)
+    assert full.model.lm_head is not None
+    with pytest.raises(InputError, match="already exists"):
+        merge_adapter(tiny_model, tmp_path / "adapter", tmp_path / "merged")
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+def test_cli_train_then_merge(tmp_path, tiny_qwen, digit_set, capsys):
+    from vlm2vec_rt.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_qwen, "--data", str(digit_set), "--out", str(out)]
+    args += [
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--gc-chunk",
+        "3",
+        "--lora-r",
+        "4",
+        "--lr",
+        "1e-3",
+        "--dora",
+    ]
+    assert main(args) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    assert (
+        main(["merge", "--model", tiny_qwen, "--adapter", str(out / "adapter"), "--out", str(tmp_path / "m")])
+        == 0
+    )
+    assert Embedder.from_pretrained(tmp_path / "m").encode(["seven"]).shape == (1, 64)
+    capsys.readouterr()
+    assert (
+        main(["merge", "--model", tiny_qwen, "--adapter", str(tmp_path), "--out", str(tmp_path / "m2")]) == 2
+    )
+    assert "adapter_config.json" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()

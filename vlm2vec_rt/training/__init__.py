@@ -1,0 +1,14 @@
+"""Contrastive training (the VLM2Vec recipe): InfoNCE with in-batch and hard negatives, GradCache, LoRA/DoRA
+adapters merged into one HF-format model, torch.distributed, checkpoints that resume exactly.
+
+    grad_cache.py   grad_cache_step and the (distributed) contrastive loss
+    data.py         MMEB-train reader, the sampler that keeps equal targets out of a batch
+    lora.py         adapter set-up (peft), full fine-tuning, merge_adapter
+    distributed.py  all-gather with the local slice kept live
+    checkpoint.py   atomic checkpoints
+    trainer.py      the loop (`vlm2vec-rt train`)
+"""
+
+from .grad_cache import grad_cache_step
+
+__all__ = ["grad_cache_step"]
