@@ -19,9 +19,9 @@ log = logging.getLogger("vlm2vec_rt")
 
 # ---- commands ------------------------------------------------------------------------------------------
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from .models.tiny import make_tiny_model
+    from .models.tiny import SIZE_KEYWORDS, make_tiny_model
 
-    size = {k: v for k, v in vars(args).items() if k in _TINY_SIZES and v is not None}
+    size = {k: v for k, v in vars(args).items() if k in SIZE_KEYWORDS and v is not None}
     path = make_tiny_model(args.out, args.backbone, seed=args.seed, **size)
     print(f"wrote a tiny {args.backbone} model to {path}")
     return 0
@@ -140,16 +140,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 # ---- parser --------------------------------------------------------------------------------------------
-_TINY_SIZES = (
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "vocab_size",
-    "vision_hidden_size",
-    "vision_layers",
-    "image_size",
-    "patch_size",
-)
 
 
 def _add_encoder_flags(p: argparse.ArgumentParser) -> None:
@@ -178,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=["llava_next", "qwen2_vl"], default="llava_next")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
-    for name in _TINY_SIZES:
+    from .models.tiny import SIZE_KEYWORDS
+
+    for name in SIZE_KEYWORDS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None, dest=name)
     p.set_defaults(func=cmd_tiny)
 

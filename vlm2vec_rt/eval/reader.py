@@ -171,7 +171,7 @@ class _Builder:
 
     def add(self, file: str, row: int, qry_text, qry_img, tgt_text, tgt_img) -> None:
         where = f"dataset {self.name!r}, {file} row {row}"
-        query = (_text(qry_text, where, "qry_text"), _text(qry_img, where, "qry_img_path"))
+        query = (string_cell(qry_text, where, "qry_text"), string_cell(qry_img, where, "qry_img_path"))
         candidates = _candidate_list(tgt_text, tgt_img, where)
         _check_key(query, where, "query")
         for k, key in enumerate(candidates):
@@ -221,7 +221,8 @@ class _Builder:
         self.skipped.append(Skip(self.name, row, reason, paths, file))
 
 
-def _text(value, where: str, column: str) -> str:
+def string_cell(value, where: str, column: str) -> str:
+    """A parquet string cell: "" for null, InputError naming the row and column for anything but a str."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -235,14 +236,17 @@ def _candidate_list(texts, paths, where: str) -> list[Key]:
         if len(texts) != len(paths):
             raise InputError(f"{where}: tgt_text has {len(texts)} entries but tgt_img_path has {len(paths)}")
     elif isinstance(texts, list):
-        paths = [_text(paths, where, "tgt_img_path")] * len(texts)
+        paths = [string_cell(paths, where, "tgt_img_path")] * len(texts)
     elif isinstance(paths, list):
-        texts = [_text(texts, where, "tgt_text")] * len(paths)
+        texts = [string_cell(texts, where, "tgt_text")] * len(paths)
     else:
         texts, paths = [texts], [paths]
-        if not _text(texts[0], where, "tgt_text") and not _text(paths[0], where, "tgt_img_path"):
+        if not string_cell(texts[0], where, "tgt_text") and not string_cell(paths[0], where, "tgt_img_path"):
             return []
-    return [(_text(t, where, "tgt_text"), _text(p, where, "tgt_img_path")) for t, p in zip(texts, paths)]
+    return [
+        (string_cell(t, where, "tgt_text"), string_cell(p, where, "tgt_img_path"))
+        for t, p in zip(texts, paths)
+    ]
 
 
 def _check_key(key: Key, where: str, what: str) -> None:

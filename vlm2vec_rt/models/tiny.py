@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from ..atomic import atomic_dir
 from ..errors import InputError
 from .preprocessors import quiet_transformers
@@ -53,7 +51,7 @@ _SPECIALS = {
     ],
 }
 
-_DEFAULTS = dict(
+_DEFAULTS: dict = dict(
     hidden_size=64,
     num_layers=2,
     num_heads=4,
@@ -70,6 +68,21 @@ _IMAGE_DEFAULTS = {
     "llava_next": dict(image_size=336, patch_size=56, max_grid=4),
     "qwen2_vl": dict(image_size=224, patch_size=14, max_grid=None),
 }
+
+
+# The integer size keywords of make_tiny_model (the CLI's --hidden-size etc.).
+SIZE_KEYWORDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "vocab_size",
+    "vision_hidden_size",
+    "vision_layers",
+    "vision_heads",
+    "image_size",
+    "patch_size",
+    "intermediate_size",
+)
 
 
 def make_tiny_model(path: str | os.PathLike, backbone: str = "llava_next", *, seed: int = 0, **size) -> Path:
@@ -94,6 +107,8 @@ def make_tiny_model(path: str | os.PathLike, backbone: str = "llava_next", *, se
         raise InputError(f"{os.fspath(out)!r} already exists and is not empty")
     with quiet_transformers(), atomic_dir(out, overwrite=True) as tmp:
         tokenizer = _build_tokenizer(backbone, opts["vocab_size"])
+        import torch
+
         torch.manual_seed(seed)
         build = _build_llava_next if backbone == "llava_next" else _build_qwen2_vl
         model, image_processor = build(tokenizer, opts)
@@ -162,6 +177,20 @@ def _intermediate(o: dict, hidden: int) -> int:
     return o["intermediate_size"] or 4 * hidden
 
 
+def _decoder_sizes(o: dict) -> dict:
+    """The decoder sizes both architectures share (full multi-head attention, no GQA)."""
+    return dict(
+        vocab_size=o["vocab_size"],
+        hidden_size=o["hidden_size"],
+        intermediate_size=_intermediate(o, o["hidden_size"]),
+        num_hidden_layers=o["num_layers"],
+        num_attention_heads=o["num_heads"],
+        num_key_value_heads=o["num_heads"],
+        max_position_embeddings=4096,
+        initializer_range=o["initializer_range"],
+    )
+
+
 def _build_llava_next(tokenizer, o: dict):
     from transformers import (
         CLIPVisionConfig,
@@ -174,14 +203,7 @@ def _build_llava_next(tokenizer, o: dict):
     crop, grid = o["image_size"], o["max_grid"]
     pinpoints = [[crop * a, crop * b] for a in range(1, grid + 1) for b in range(1, grid + 1) if a * b > 1]
     text = LlamaConfig(
-        vocab_size=o["vocab_size"],
-        hidden_size=o["hidden_size"],
-        intermediate_size=_intermediate(o, o["hidden_size"]),
-        num_hidden_layers=o["num_layers"],
-        num_attention_heads=o["num_heads"],
-        num_key_value_heads=o["num_heads"],
-        max_position_embeddings=4096,
-        initializer_range=o["initializer_range"],
+        **_decoder_sizes(o),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -223,14 +245,7 @@ def _build_qwen2_vl(tokenizer, o: dict):
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=o["vocab_size"],
-            hidden_size=o["hidden_size"],
-            intermediate_size=_intermediate(o, o["hidden_size"]),
-            num_hidden_layers=o["num_layers"],
-            num_attention_heads=o["num_heads"],
-            num_key_value_heads=o["num_heads"],
-            max_position_embeddings=4096,
-            initializer_range=o["initializer_range"],
+            **_decoder_sizes(o),
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 1000000.0,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..eval.reader import _text  # a string cell or "" for null; InputError naming where otherwise
+from ..eval.reader import string_cell
 from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER, Item
 
 QUERY_COLUMNS = ("qry", "qry_image_path")
@@ -141,8 +141,8 @@ class _RowReader:
 
     def _item(self, data: dict, r: int, text_col: str, image_col: str, where: str, side: str) -> Item | None:
         """The side's Item, or None when it has neither text nor image."""
-        text = _text(data[text_col][r], where, text_col)
-        image_path = _text(data[image_col][r], where, image_col)
+        text = string_cell(data[text_col][r], where, text_col)
+        image_path = string_cell(data[image_col][r], where, image_col)
         if not text.strip() and not image_path:
             return None
         if text.count(MMEB_IMAGE_PLACEHOLDER) > 1:
