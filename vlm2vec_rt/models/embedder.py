@@ -17,7 +17,7 @@ from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
 from ..progress import progress_bar
 from .backbones import Backbone, load_backbone
-from .preprocessors import Prepared
+from .preprocessors import Prepared, quiet_transformers
 
 
 class Embedder:
@@ -109,8 +109,9 @@ def apply_adapter(backbone: Backbone, adapter: str | os.PathLike) -> None:
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise InputError(f"adapter directory {os.fspath(adapter)!r} has no adapter_config.json")
     device = backbone.device
-    peft_model = PeftModel.from_pretrained(backbone.model, os.fspath(adapter))
-    backbone.model = peft_model.merge_and_unload().to(device).eval()
+    with quiet_transformers():
+        peft_model = PeftModel.from_pretrained(backbone.model, os.fspath(adapter))
+        backbone.model = peft_model.merge_and_unload().to(device).eval()
 
 
 def directory_signature(folder: str | os.PathLike) -> str:

@@ -55,13 +55,18 @@ Prepared = tuple[list[int], ImageInputs | None]
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own progress bars (loading/saving shards) inside our calls."""
+    """Silence transformers' own progress bars (loading/saving shards) and its deprecation notices about
+    its own internals (peft calls APIs transformers has deprecated) inside our calls."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+            yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

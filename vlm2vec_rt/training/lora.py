@@ -18,6 +18,7 @@ from ..atomic import atomic_dir
 from ..errors import InputError
 from ..models.backbones import Backbone, load_backbone
 from ..models.embedder import apply_adapter
+from ..models.preprocessors import quiet_transformers
 
 # Module-name prefixes (relative to the *ForConditionalGeneration) of each backbone's parts.
 LANGUAGE_PREFIX = "model.language_model."
@@ -65,7 +66,8 @@ def add_adapter(
         target_modules=target_modules(backbone, train_vision=train_vision),
         bias="none",
     )
-    return get_peft_model(backbone.model, config)
+    with quiet_transformers():
+        return get_peft_model(backbone.model, config)
 
 
 def set_full_finetune(backbone: Backbone, *, train_vision: bool = False) -> None:
