@@ -178,3 +178,33 @@ def test_adapter_is_applied(tmp_path, tiny_llava, photos):
     assert adapted.fingerprint != Embedder.from_pretrained(tiny_llava).fingerprint
     with pytest.raises(InputError, match="adapter_config.json"):
         Embedder.from_pretrained(tiny_llava, adapter=tmp_path)
+
+
+def test_adapter_of_another_model_is_a_clear_error(tmp_path, tiny_llava):
+    from peft import LoraConfig, get_peft_model
+
+    from vlm2vec_rt.models.backbones import load_backbone
+
+    other = make_tiny_model(tmp_path / "other", "llava_next", hidden_size=32, num_heads=2)
+    config = LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    get_peft_model(load_backbone(other).model, config).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(InputError, match="does not fit the model") as e:
+        Embedder.from_pretrained(tiny_llava, adapter=tmp_path / "adapter")
+    assert "\n" not in str(e.value)
+
+
+def test_prepare_many_tiles_together_and_names_the_bad_item(emb, photos):
+    pre = emb.pre
+    items = [Item(text="x"), Item(image=photos["chelsea"]), Item(image=photos["coins"][:50, :77], text="y")]
+    together = pre.prepare_many(items)
+    for (ids_a, im_a), item in zip(together, items):
+        ids_b, im_b = pre.prepare(item)
+        assert ids_a == ids_b
+        assert (im_a is None) == (im_b is None)
+        if im_a is not None:
+            np.testing.assert_array_equal(im_a.pixel_values, im_b.pixel_values)
+            assert im_a.meta == im_b.meta
+    if pre.name == "qwen2_vl":  # Qwen2-VL refuses aspect ratios over 200
+        bad = [Item(image=photos["chelsea"]), Item(image=np.zeros((2, 500, 3), np.uint8))]
+        with pytest.raises(InputError, match="item 6: "):
+            pre.prepare_many(bad, offset=5)

@@ -66,6 +66,10 @@ def test_sizes_are_keywords(tmp_path):
         (dict(image_size=300, patch_size=56), "multiple of patch_size"),
         (dict(vision_layers=1), "vision_layers"),
         (dict(depth=3), "unknown size keyword"),
+        (dict(patch_size=0), "patch_size must be a positive int"),
+        (dict(vision_heads=0), "vision_heads must be a positive int"),
+        (dict(intermediate_size=-1), "intermediate_size must be a positive int"),
+        (dict(num_layers=2.5), "num_layers must be a positive int"),
     ],
 )
 def test_bad_sizes(tmp_path, kwargs, match):

@@ -154,6 +154,7 @@ def _add_encoder_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (API.md's command line)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
@@ -281,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run `vlm2vec-rt ARGS`; returns the exit status (0 ok, 2 bad input, 1 internal error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
@@ -291,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, EngineError, FileExistsError, FileNotFoundError, PermissionError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"vlm2vec-rt {args.command}: error: {e}", file=sys.stderr)
+        print(f"vlm2vec-rt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vlm2vec-rt {args.command}: interrupted", file=sys.stderr)
@@ -300,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(
-            f"vlm2vec-rt {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            f"vlm2vec-rt {args.command}: internal error: {type(e).__name__}: {_one_line(e)} "
+            "(rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 from .errors import InputError
+from .preprocess.images import load_image
 
 # scikit-image photos that ship inside the package (no download), with a short caption each.
 SKIMAGE_PHOTOS = {
@@ -45,16 +46,11 @@ def _require(module: str):
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
-    """Grey, boolean or RGBA arrays -> uint8 HxWx3 (alpha composited onto white)."""
+    """Grey, boolean or RGBA arrays -> uint8 HxWx3 (alpha composited onto white, as load_image does)."""
     a = np.asarray(image)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.shape[2] == 4:
-        alpha = a[..., 3:4].astype(np.float32) / 255.0
-        a = np.rint(a[..., :3] * alpha + 255.0 * (1.0 - alpha))
-    return np.ascontiguousarray(a.astype(np.uint8))
+    return load_image(a, max_pixels=a.shape[0] * a.shape[1] or 1)
 
 
 @functools.cache

@@ -109,9 +109,16 @@ def apply_adapter(backbone: Backbone, adapter: str | os.PathLike) -> None:
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise InputError(f"adapter directory {os.fspath(adapter)!r} has no adapter_config.json")
     device = backbone.device
-    with quiet_transformers():
-        peft_model = PeftModel.from_pretrained(backbone.model, os.fspath(adapter))
-        backbone.model = peft_model.merge_and_unload().to(device).eval()
+    try:
+        with quiet_transformers():
+            peft_model = PeftModel.from_pretrained(backbone.model, os.fspath(adapter))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        # e.g. a size mismatch: an adapter trained on another model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"adapter {os.fspath(adapter)!r} does not fit the model at {os.fspath(backbone.path)!r}: {first}"
+        ) from None
+    backbone.model = peft_model.merge_and_unload().to(device).eval()
 
 
 def directory_signature(folder: str | os.PathLike) -> str:

@@ -119,17 +119,13 @@ def make_tiny_model(path: str | os.PathLike, backbone: str = "llava_next", *, se
 
 
 def _check_sizes(backbone: str, o: dict) -> None:
-    for key in (
-        "hidden_size",
-        "num_layers",
-        "num_heads",
-        "vocab_size",
-        "vision_hidden_size",
-        "vision_layers",
-        "image_size",
-    ):
-        if not isinstance(o[key], int) or o[key] <= 0:
+    for key in SIZE_KEYWORDS:
+        if key == "intermediate_size" and o[key] is None:
+            continue  # 4 x hidden_size
+        if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] <= 0:
             raise InputError(f"{key} must be a positive int, got {o[key]!r}")
+    if not isinstance(o["initializer_range"], (int, float)) or o["initializer_range"] <= 0:
+        raise InputError(f"initializer_range must be a positive number, got {o['initializer_range']!r}")
     if o["hidden_size"] % o["num_heads"] or (o["hidden_size"] // o["num_heads"]) % 2:
         raise InputError("hidden_size must be a multiple of num_heads with an even head dimension")
     if o["vision_hidden_size"] % o["vision_heads"]:

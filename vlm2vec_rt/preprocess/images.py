@@ -60,16 +60,18 @@ def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     )
 
 
-def resize_square(image: np.ndarray, side: int = HIGH_RESOLUTION) -> np.ndarray:
+def resize_square(
+    image: np.ndarray, side: int = HIGH_RESOLUTION, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Resize to side x side, Pillow's bicubic bit for bit (VLM2Vec's "high" resolution step).
 
-    Runs in the C++ tiling core, without the GIL.
+    Runs in the C++ tiling core, without the GIL. max_pixels is the caller's limit on the input image.
     """
     from . import tiling
 
     if image.shape[0] == side and image.shape[1] == side:
         return image
-    return tiling.resize(image, side, side, max_image_pixels=max(DEFAULT_MAX_PIXELS, side * side))
+    return tiling.resize(image, side, side, max_image_pixels=max(max_pixels, side * side))
 
 
 def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:

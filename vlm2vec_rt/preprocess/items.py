@@ -47,10 +47,6 @@ class Item:
                 f"Item.text contains the image placeholder {MMEB_IMAGE_PLACEHOLDER} but no image is given"
             )
 
-    @property
-    def has_image(self) -> bool:
-        return self.image is not None
-
     def format_text(self) -> str:
         """The item's text the way MMEB writes it, with MMEB's placeholder where the image goes.
 
