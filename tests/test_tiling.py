@@ -263,27 +263,28 @@ def test_batch_matches_single_calls(photos, rng):
 
 def test_batch_releases_the_gil(rng):
     """While a batch runs on a worker thread, the main thread keeps running Python code."""
-    images = [random_image(rng, 1344, 1344) for _ in range(10)]
+    images = [random_image(rng, 1344, 1344) for _ in range(12)]
     tiling.anyres_batch(images[:1], grid_pinpoints=HIGH, num_threads=1)  # warm up
     done = threading.Event()
     span = {}
 
     def work():
-        t0 = time.perf_counter()
+        span["start"] = time.perf_counter()
         tiling.anyres_batch(images, grid_pinpoints=HIGH, num_threads=1)
-        span["s"] = time.perf_counter() - t0
+        span["end"] = time.perf_counter()
         done.set()
 
     worker = threading.Thread(target=work)
-    stamps = [time.perf_counter()]
+    stamps = []
     worker.start()
     while not done.is_set():
         stamps.append(time.perf_counter())
     worker.join()
-    longest_pause = float(np.max(np.diff(stamps))) if len(stamps) > 1 else span["s"]
-    # Holding the GIL through the native call would stall this loop for the whole call; a loaded machine
-    # may still pause it for a few time slices.
-    assert longest_pause < 0.6 * span["s"], (longest_pause, span["s"])
+    # Holding the GIL through the native call would freeze this loop for the whole call: no stamp could
+    # fall in its middle half. Released, the loop runs on (a loaded machine only thins the stamps out).
+    quarter = (span["end"] - span["start"]) / 4
+    inside = [t for t in stamps if span["start"] + quarter < t < span["end"] - quarter]
+    assert len(inside) >= 3, (len(inside), span)
 
 
 def test_recycled_output_memory_is_fully_rewritten(rng):
