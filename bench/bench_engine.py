@@ -288,13 +288,30 @@ def main(
         "ratios": ratios,
         "precision_at_1": p_at_1,
         "targets": targets,
-        "notes": notes
-        + ["timed on a machine shared with other work: ratios are indicative, rerun on a quiet machine"],
+        "notes": notes,
+        "failures": [n for n in notes if "FAILED" in n],
     }
     path = write_results(NAME, report, out_dir)
     plot(report, out_dir)
     print(f"wrote {path}")
     return report
+
+
+def summary(report: dict) -> list[str]:
+    """Headline lines for `vlm2vec-rt bench`'s SUMMARY.md."""
+    lines = []
+    for wl in report["throughput_batch32"]:
+        tp, lat = report["throughput_batch32"][wl], report["latency_batch1"][wl]
+        base = tp["eager"]["median_items_per_s"]
+        for name in tp:
+            lines.append(
+                f"{wl}, {name}: {tp[name]['median_items_per_s']:.1f} items/s at batch {THROUGHPUT_BATCH} "
+                f"({tp[name]['median_items_per_s'] / base:.2f}x eager), batch-1 p50 {lat[name]['median_ms']:.1f} ms, "
+                f"p99 {lat[name]['p99_ms']:.1f} ms"
+            )
+    for target, value in report["targets"].items():
+        lines.append(f"target {target}: {value}")
+    return lines
 
 
 def plot(report: dict, out_dir: str | os.PathLike | None) -> None:

@@ -236,6 +236,7 @@ def main(
         "dedup": dedup,
         **bench_scoring(quick),
         "notes": notes,
+        "failures": [n for n in notes if "excluded from timing" in n],
     }
     out = write_results(NAME, results, out_dir)
     _plot(results, out_dir)
@@ -297,6 +298,26 @@ def _plot(results: dict, out_dir) -> None:
     fig.tight_layout()
     save_plot(fig, NAME, out_dir)
     plt.close(fig)
+
+
+def summary(results: dict) -> list[str]:
+    """Headline lines for `vlm2vec-rt bench`'s SUMMARY.md."""
+    lines = [
+        f"{name}: {tp['all']:.1f} embeddings/s on the bundled benchmark's items "
+        f"({results['ratio_vs_eager'][name]:.2f}x eager)"
+        for name, tp in results["embeddings_per_s"].items()
+    ]
+    for name, ev in results["bundled_evaluation"].items():
+        lines.append(
+            f"full bundled evaluation, {name}: {ev['cold_s']:.1f} s cold, {ev['warm_s']:.2f} s from cache"
+        )
+    for sc in results.get("scoring", []):
+        shape = sc["shape"]
+        lines.append(
+            f"scoring {shape['queries']} queries x {shape['candidates']} candidates (pool {shape['pool']}, "
+            f"dim {shape['dim']}): {sc['speedup_auto_vs_official']:.0f}x the reference loop"
+        )
+    return lines
 
 
 if __name__ == "__main__":

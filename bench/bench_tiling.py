@@ -283,6 +283,24 @@ def _plot(results: dict, out_dir: str | Path | None) -> None:
     plt.close(fig)
 
 
+def summary(results: dict) -> list[str]:
+    """Headline lines for `vlm2vec-rt bench`'s SUMMARY.md."""
+    lines = []
+    h = results["headline"]
+    lines.append(
+        f"{h['case']}: {h['speedup_vs_transformers']:.1f}x transformers' processor (target {h['target']:.0f}x)"
+    )
+    for c in results["cases"]:
+        if c["impl"] in ("cpp_float32_1t", "cpp_float32_2t"):
+            bound = c.get("of_fresh_write_bound")
+            lines.append(
+                f"{c['pipeline']} {c['size']} {c['impl']}: {c['ms_per_image']:.2f} ms/image, "
+                f"{c['speedup']:.1f}x transformers"
+                + (f", {100 * bound:.0f}% of the write-bandwidth bound" if bound else "")
+            )
+    return lines
+
+
 def _cli() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=32)

@@ -327,6 +327,32 @@ def main(
     return report
 
 
+def summary(report: dict) -> list[str]:
+    """Headline lines for `vlm2vec-rt bench`'s SUMMARY.md."""
+    s = report["summary"]
+    lines = []
+    if "gradcache_peak_mib" in s:
+        peaks = s["gradcache_peak_mib"]
+        lines.append(
+            "GradCache (chunk 4) peak RSS by global batch: "
+            + ", ".join(f"{b}: {m:.0f} MiB" for b, m in peaks.items())
+            + f" ({max(s['gradcache_peak_ratio_vs_smallest'].values()):.2f}x the smallest; target "
+            f"<= {s['targets']['memory_ratio']}x)"
+        )
+    if s.get("plain_peak_mib"):
+        lines.append(
+            "plain training peak RSS: "
+            + ", ".join(f"{b}: {m:.0f} MiB" for b, m in s["plain_peak_mib"].items())
+        )
+    if s.get("gradcache_over_plain_step_time"):
+        lines.append(
+            "GradCache step time over plain at equal batch: "
+            + ", ".join(f"{b}: {r:.2f}x" for b, r in s["gradcache_over_plain_step_time"].items())
+            + f" (target <= {s['targets']['time_ratio']}x)"
+        )
+    return lines
+
+
 def summarise(results, timing, batches: tuple[int, ...]) -> dict[str, Any]:
     gc_runs = results["gradcache"]
     ok_gc = [b for b in batches if gc_runs[b]["status"] == "ok"]

@@ -272,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks against eager PyTorch (JSON + PNG)")
-    p.add_argument("which", nargs="?", default="all", choices=["tiling", "engine", "kernels", "train", "all"])
+    p.add_argument(
+        "which", nargs="?", default="all", choices=["tiling", "engine", "kernels", "train", "eval", "all"]
+    )
     p.add_argument("--out", metavar="DIR", default="bench/results")
     p.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,95 @@
+"""`vlm2vec-rt bench`: runs the scripts of bench/ (one per comparison, BENCH.md) and writes a summary.
+
+Each script stays runnable alone (`python bench/bench_tiling.py`); here they are imported from the
+source checkout and their `main(out_dir)` is called in turn. Every script writes <name>.json and
+<name>.png; this module adds SUMMARY.md with the machine, the versions and each script's headline
+figures (its `summary(results)` lines).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import atomic
+from .errors import InputError
+
+# In the order `all` runs them: the quick, independent ones first.
+BENCHMARKS = ("tiling", "kernels", "eval", "engine", "train")
+
+
+def bench_dir() -> Path:
+    """The bench/ folder of the source checkout this package is installed from."""
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    if not (folder / "common.py").is_file():
+        raise InputError(
+            "`vlm2vec-rt bench` runs the benchmark scripts of a source checkout (bench/ beside the package); "
+            "clone the repository and install it with `pip install -e .`"
+        )
+    return folder
+
+
+def load(name: str) -> Any:
+    """The module bench/bench_<name>.py."""
+    folder = os.fspath(bench_dir())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the scripts import their shared `common` module as a sibling
+    return importlib.import_module(f"bench_{name}")
+
+
+def run_benchmarks(which: str = "all", out_dir: str | os.PathLike = "bench/results") -> int:
+    """Run one benchmark or all of them; returns 0 when every correctness check passed, else 1."""
+    names = BENCHMARKS if which == "all" else (which,)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise InputError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)} or all")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections: list[str] = []
+    failed = []
+    for name in names:
+        module = load(name)
+        print(f"== bench {name} (bench/bench_{name}.py) ==", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results = module.main(out)
+        except Exception as e:  # a broken benchmark must not hide the others' results
+            traceback.print_exc()
+            failed.append(name)
+            sections += [f"## {name}", "", f"FAILED: {type(e).__name__}: {e}", ""]
+            continue
+        seconds = time.perf_counter() - t0
+        problems = (results or {}).get("failures") or []
+        if problems:
+            failed.append(name)
+        lines = module.summary(results) if hasattr(module, "summary") else []
+        sections += [f"## {name} ({seconds:.0f} s; `python bench/bench_{name}.py`)", ""]
+        sections += [f"- {line}" for line in lines]
+        sections += [f"- FAILED CHECK: {p}" for p in problems]
+        sections += [f"- results: `{name}.json`, plot: `{name}.png`", ""]
+    common = load("common")
+    machine = common.machine()
+    header = [
+        "# Benchmark summary",
+        "",
+        f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU"),
+        "Versions: "
+        + ", ".join(
+            f"{k} {machine[k]}" for k in ("python", "torch", "transformers", "onnxruntime") if k in machine
+        ),
+        f"Load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "",
+    ]
+    summary_path = out / ("SUMMARY.md" if which == "all" else f"SUMMARY-{which}.md")
+    atomic.write_bytes(summary_path, "\n".join(header + sections).encode())
+    print(f"wrote {summary_path}", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
