@@ -97,3 +97,23 @@ def test_parser_matches_api_md():
     assert (args.engine, args.backend) == ("fp16", "auto")
     args = parser.parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--resume"])
     assert args.resume and args.temperature == 0.02
+
+
+def test_embed_at_high_resolution(tmp_path, tiny_llava, photos):
+    image = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(image)
+    out = tmp_path / "high.npy"
+    argv = [
+        "embed",
+        "--model",
+        tiny_llava,
+        "--image",
+        str(image),
+        "--image-resolution",
+        "high",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    want = Embedder.from_pretrained(tiny_llava, image_resolution="high").encode([Item(image=str(image))])
+    np.testing.assert_allclose(np.load(out), want, atol=1e-6)

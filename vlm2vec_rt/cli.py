@@ -91,10 +91,12 @@ def load_encoder(args: argparse.Namespace):
     if getattr(args, "engine", None):
         from .engine.runtime import Engine
 
-        return Engine.load(args.engine, device=args.device)
+        return Engine.load(args.engine, device=args.device, image_resolution=args.image_resolution)
     from .models.embedder import Embedder
 
-    return Embedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    return Embedder.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, image_resolution=args.image_resolution
+    )
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -142,15 +144,25 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 # ---- parser --------------------------------------------------------------------------------------------
 
 
-def _add_encoder_flags(p: argparse.ArgumentParser) -> None:
+def _add_encoder_flags(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--model | --engine (returned, so a command can add a third choice), device, dtype, batch size."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="DIR", help="a model directory (eager PyTorch)")
     src.add_argument("--engine", metavar="DIR", help="an engine directory built by `vlm2vec-rt build`")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda (default: cpu; cuda:<local rank> under torchrun)"
+    )
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="eager dtype"
     )
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--image-resolution",
+        choices=["high"],
+        default=None,
+        help="high: resize images to 1344x1344 first (VLM2Vec's high-resolution setting)",
+    )
+    return src
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,23 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", parents=[common], help="MMEB evaluation (Precision@1), or --compare two evaluation runs"
     )
-    # The encoder flags of _add_encoder_flags, with --compare as a third choice (no encoder needed).
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="DIR", help="a model directory (eager PyTorch)")
-    src.add_argument("--engine", metavar="DIR", help="an engine directory built by `vlm2vec-rt build`")
-    src.add_argument(
+    src = _add_encoder_flags(p)
+    src.add_argument(  # a third choice: no encoder needed
         "--compare",
         nargs=2,
         metavar=("RUN_A", "RUN_B"),
         help="two eval --out directories side by side (B - A)",
     )
-    p.add_argument(
-        "--device", default="cpu", help="cpu or cuda (default: cpu; cuda:<local rank> under torchrun)"
-    )
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="eager dtype"
-    )
-    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data", metavar="DIR", help="MMEB-eval layout (default: the bundled benchmark)")
     p.add_argument("--datasets", help="comma-separated dataset names (default: every folder in --data)")
     p.add_argument("--image-root", metavar="DIR", help="images root (default: DATA/eval_images)")
