@@ -1,8 +1,11 @@
-"""Engine pieces that need no build: the host side vs eager, the graph wrappers, the batcher, the manifest."""
+"""Engine pieces that need no build: the host side vs eager, the graph wrappers, the batcher, the manifest,
+the parity gate's arithmetic, the AOTInductor build's device handling, the atomic replace."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from vlm2vec_rt.engine.host import (
     write_host_assets,
 )
 from vlm2vec_rt.engine.manifest import FORMAT_VERSION, read_manifest, verify_files, write_manifest
+from vlm2vec_rt.engine.parity import MAX_NORM_ERROR, parity_items, parity_report
 from vlm2vec_rt.models.backbones import load_backbone
 from vlm2vec_rt.preprocess.batching import token_budget_batches
 
@@ -168,24 +172,38 @@ def test_token_budget_batches_bad_limits():
 
 # ---- manifest ------------------------------------------------------------------------------------------
 def _fake_engine(folder):
-    (folder / "graph.onnx").write_bytes(b"graph")
+    (folder / "vision.onnx").write_bytes(b"vision")
     (folder / "sub").mkdir()
+    (folder / "sub" / "decoder.onnx").write_bytes(b"decoder")
     (folder / "sub" / "table.npy").write_bytes(b"table")
-    fields = {"backbone": "llava_next", "precision": "fp32", "backend": "onnxruntime", "graphs": {}, "dim": 4}
+    graphs = {"vision": {"file": "vision.onnx"}, "decoder": {"file": "sub/decoder.onnx"}}
+    fields = {
+        "backbone": "llava_next",
+        "precision": "fp32",
+        "backend": "onnxruntime",
+        "graphs": graphs,
+        "dim": 4,
+    }
     return write_manifest(folder, fields, complete=True)
+
+
+def _rewrite(folder, manifest) -> dict:
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return read_manifest(folder)
 
 
 def test_manifest_round_trip_and_tamper_checks(tmp_path):
     written = _fake_engine(tmp_path)
-    assert set(written["files"]) == {"graph.onnx", "sub/table.npy"}
+    assert set(written["files"]) == {"vision.onnx", "sub/decoder.onnx", "sub/table.npy"}
     manifest = read_manifest(tmp_path)
-    verify_files(tmp_path, manifest)
+    verify_files(tmp_path, manifest, required=["sub/table.npy"])
     (tmp_path / "sub" / "table.npy").write_bytes(b"tablf")
     with pytest.raises(EngineError, match=r"table\.npy.*sha256"):
         verify_files(tmp_path, manifest)
-    (tmp_path / "graph.onnx").unlink()
-    with pytest.raises(EngineError, match=r"graph\.onnx.*missing"):
-        verify_files(tmp_path, manifest)
+    verify_files(tmp_path, manifest, hashes=False)  # a trusted engine: layout only
+    (tmp_path / "vision.onnx").unlink()
+    with pytest.raises(EngineError, match=r"vision\.onnx.*missing"):
+        verify_files(tmp_path, manifest, hashes=False)
 
 
 @pytest.mark.parametrize(
@@ -196,6 +214,7 @@ def test_manifest_round_trip_and_tamper_checks(tmp_path):
         (lambda m: m.pop("backend"), "missing field 'backend'"),
         (lambda m: m.update(precision="int4"), "unknown precision"),
         (lambda m: m["files"].update({"../outside": "0" * 64}), "outside the engine directory"),
+        (lambda m: m["files"].update({"x": "not a hash"}), "sha256 hashes"),
     ],
 )
 def test_manifest_problems_are_engine_errors(tmp_path, edit, message):
@@ -206,6 +225,42 @@ def test_manifest_problems_are_engine_errors(tmp_path, edit, message):
         verify_files(tmp_path, read_manifest(tmp_path))
 
 
+def _redirect_graph(folder, m, target):
+    m["graphs"]["vision"]["file"] = target
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # the review's case: nothing listed, a graph file outside the directory
+        (lambda f, m: (m.update(files={}), _redirect_graph(f, m, "../../etc/passwd")), "outside the engine"),
+        (lambda f, m: _redirect_graph(f, m, "/etc/passwd"), "outside the engine"),
+        (lambda f, m: _redirect_graph(f, m, "./vision.onnx"), "outside the engine"),
+        (lambda f, m: m["files"].update({"sub/../vision.onnx": "0" * 64}), "outside the engine"),
+        (lambda f, m: m["files"].update({"/etc/passwd": "0" * 64}), "outside the engine"),
+        (lambda f, m: m.update(files={}), "vision.onnx' is loaded by the engine but has no sha256"),
+        (lambda f, m: m["files"].pop("sub/decoder.onnx"), "decoder.onnx' is loaded by the engine but has no"),
+        (lambda f, m: m["files"].pop("sub/table.npy"), "table.npy' is loaded by the engine but has no"),
+        (lambda f, m: (f / "sub" / "extra.json").write_text("{}"), r"extra\.json.*not listed"),
+        (lambda f, m: (f / "sub" / "link").symlink_to("/etc"), "links"),
+        (lambda f, m: (f / "alias.onnx").symlink_to(f / "vision.onnx"), "links"),
+        (lambda f, m: m.update(graphs=[]), "field 'graphs'"),
+        (lambda f, m: m["graphs"].pop("decoder"), "field 'graphs'"),
+        (lambda f, m: m["graphs"].update(vision="vision.onnx"), "graph 'vision' must be an object"),
+        (lambda f, m: m["graphs"]["vision"].update(file=3), "graph 'vision' must be an object"),
+    ],
+)
+def test_everything_loaded_is_listed_and_inside(tmp_path, edit, message):
+    """The files in the directory are exactly the listed ones and every path the manifest names (graphs,
+    the host's assets) is among them, inside the directory: no file is read that no hash covers."""
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    manifest = _fake_engine(engine)
+    edit(engine, manifest)
+    with pytest.raises(EngineError, match=message):
+        verify_files(engine, _rewrite(engine, manifest), required=["sub/table.npy"], hashes=False)
+
+
 def test_manifest_unreadable(tmp_path):
     with pytest.raises(EngineError, match="does not exist"):
         read_manifest(tmp_path / "nope")
@@ -214,3 +269,92 @@ def test_manifest_unreadable(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(EngineError, match="not valid JSON"):
         read_manifest(tmp_path)
+
+
+# ---- parity gate ---------------------------------------------------------------------------------------
+class _FixedEncoder:
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
+
+    def encode(self, items, batch_size):
+        assert len(items) == len(self.rows)
+        return self.rows
+
+
+@pytest.fixture(scope="module")
+def unit_rows() -> np.ndarray:
+    rows = np.random.default_rng(7).normal(size=(len(parity_items()), 24)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_parity_gate_takes_true_cosines(unit_rows):
+    """Rows twice as long point the right way but are not unit: the gate fails on the norm, not passing
+    on a dot product of 2; a row slightly long by less than the allowed error passes with cosine <= 1."""
+    reference = _FixedEncoder(unit_rows)
+    with pytest.raises(EngineError, match="norm 2.0"):
+        parity_report(_FixedEncoder(2 * unit_rows), reference, 0.999)
+    off = unit_rows.copy()
+    off[3] = 1.5 * (0.9 * unit_rows[3] + 0.45 * unit_rows[4])  # dot product > 1, cosine < 0.99
+    assert (off[3] * unit_rows[3]).sum() > 1
+    with pytest.raises(EngineError, match=r"cosine to eager fp32 is 0\.\d+ on parity item 3"):
+        parity_report(_FixedEncoder(off), reference, 0.99)
+    report = parity_report(_FixedEncoder(unit_rows * np.float32(1 + 5e-4)), reference, 0.9999)
+    assert report["min_cosine"] <= 1.0 and report["min_cosine"] >= 0.9999
+    assert 4e-4 < report["max_norm_error"] <= MAX_NORM_ERROR
+    zero = unit_rows.copy()
+    zero[0] = 0
+    with pytest.raises(EngineError, match="parity item 0"):
+        parity_report(_FixedEncoder(zero), reference, 0.99)
+
+
+# ---- AOTInductor build on another device ----------------------------------------------------------------
+def test_aoti_build_never_moves_the_reference(tiny_model, monkeypatch, tmp_path):
+    """fp32 builds export the reference backbone's own modules: compiling them for another device must
+    work on copies, leaving the eager reference (image_newline included) whole on its device for the gate.
+    "meta" stands in for cuda here; export and compilation are stubbed."""
+    import torch._inductor
+
+    from vlm2vec_rt.engine import aoti
+
+    bb = load_backbone(tiny_model)
+    exported = {}
+
+    def fake_export(spec):
+        exported[spec.name] = {t.device.type for t in spec.module.parameters()}
+        return spec.name
+
+    monkeypatch.setattr(aoti, "export_program", fake_export)
+    monkeypatch.setattr(
+        torch._inductor, "aoti_compile_and_package", lambda program, package_path: Path(package_path).touch()
+    )
+    files = aoti.build(graph_specs(bb), tmp_path, precision="fp32", device="meta", work_dir=tmp_path)
+    assert files == {"vision": "vision.pt2", "decoder": "decoder.pt2"}
+    assert exported == {"vision": {"meta"}, "decoder": {"meta"}}
+    assert {t.device.type for t in [*bb.model.parameters(), *bb.model.buffers()]} == {"cpu"}
+    # and on the build's own device nothing is copied
+    specs = graph_specs(bb)
+    assert aoti.module_on(specs["decoder"].module, "cpu") is specs["decoder"].module
+
+
+# ---- atomic replace ------------------------------------------------------------------------------------
+def test_atomic_dir_puts_the_old_directory_back_when_the_swap_fails(tmp_path, monkeypatch):
+    """overwrite=True moves the old directory aside, then renames the new one in: if that second rename
+    fails, the old one is back in place and nothing is left beside it."""
+    from vlm2vec_rt import atomic
+
+    target = tmp_path / "engine"
+    target.mkdir()
+    (target / "keep.txt").write_text("saved before")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(dst) == target and Path(src).name.endswith(".tmp"):
+            raise OSError("disk trouble")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk trouble"), atomic.atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert (target / "keep.txt").read_text() == "saved before"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]

@@ -6,6 +6,7 @@ manifest's hashes are checked before loading, as for every engine).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import shutil
@@ -33,13 +34,22 @@ def unavailable_reason(device: str) -> str | None:
     return None
 
 
+def module_on(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """`module` with its weights on `device`, never moving the caller's module: a graph's weights may be
+    the build's eager fp32 reference, which must stay whole on its device for the parity gate."""
+    target = torch.device(device)
+    if all(t.device == target for t in [*module.parameters(), *module.buffers()]):
+        return module  # nothing would move (a CPU build): no copy
+    return copy.deepcopy(module).to(target)  # a copy of this graph's weights only (export.py)
+
+
 def build(
     specs: dict[str, GraphSpec], out_dir: Path, *, precision: str, device: str, work_dir: Path
 ) -> dict[str, str]:
     files = {}
     for name, spec in specs.items():
         on_device = dataclasses.replace(
-            spec, module=spec.module.to(device), example=tuple(t.to(device) for t in spec.example)
+            spec, module=module_on(spec.module, device), example=tuple(t.to(device) for t in spec.example)
         )
         dst = out_dir / f"{name}.pt2"
         program = export_program(on_device)
@@ -66,8 +76,11 @@ class Runner:
 
     @torch.inference_mode()
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        model = self.models.get(graph)
+        if model is None:  # closed (from another thread) after this call's Engine read its runner
+            raise EngineError("the engine is closed")
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.inputs[graph]]
-        out = self.models[graph](*args)
+        out = model(*args)
         if isinstance(out, (list, tuple)):
             out = out[0]
         return out.float().cpu().numpy()

@@ -2,7 +2,9 @@
 
 The build writes into a temporary directory beside `out_dir` and renames it into place only after the
 parity gate against eager fp32 has passed; until then its manifest says `complete: false`, so neither a
-failed nor a killed build leaves a directory that loads.
+failed nor a killed build leaves a directory that loads. A build holds a lock beside `out_dir` (released by
+the kernel when the process dies), so the next build into the same place knows the temporary folders a
+killed one left are dead and removes them (a previous engine caught mid-replace is put back first).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 from .. import __version__
 from ..atomic import atomic_dir
@@ -24,7 +28,7 @@ from ..models.preprocessors import read_model_type
 from .backends import CHOICES, default_device, pick_auto, require
 from .export import graph_specs
 from .host import MAX_VIEWS_PER_CALL, write_host_assets
-from .manifest import PARITY_THRESHOLDS, PRECISIONS, write_manifest
+from .manifest import MANIFEST, PARITY_THRESHOLDS, PRECISIONS, write_manifest
 from .parity import parity_report
 from .runtime import PREPROCESSOR_DIR, Engine
 
@@ -51,7 +55,8 @@ def build_engine(
     device: what the engine runs on, "cpu" or "cuda" (default: cuda when torch sees a GPU).
     The build fails with EngineError (and writes nothing) if the engine's embeddings of generated text,
     image and image+text inputs fall below the precision's cosine threshold against eager fp32
-    (fp32 0.9999, fp16 0.999, int8 0.99). An existing `out_dir` is replaced only with overwrite=True.
+    (fp32 0.9999, fp16 0.999, int8 0.99). An existing `out_dir` is replaced only with overwrite=True, and
+    only if it is an engine directory (or empty). One build at a time into the same `out_dir`.
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -63,9 +68,36 @@ def build_engine(
     module = require(backend, device, precision)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     backbone_name = read_model_type(model_dir)
-    if out_dir.exists() and not overwrite:
-        raise EngineError(f"{os.fspath(out_dir)!r} already exists (overwrite=True / --overwrite replaces it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(out_dir) as locked:
+        if locked:
+            remove_dead_leftovers(out_dir)
+        _check_replaceable(out_dir, overwrite)
+        _build(
+            model_dir,
+            out_dir,
+            backbone_name=backbone_name,
+            module=module,
+            precision=precision,
+            backend=backend,
+            device=device,
+            overwrite=overwrite,
+        )
+    return out_dir
 
+
+def _build(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    backbone_name: str,
+    module: ModuleType,
+    precision: str,
+    backend: str,
+    device: str,
+    overwrite: bool,
+) -> None:
+    """build_engine's work, with out_dir checked and the build lock held."""
     t0 = time.perf_counter()
     log.info("building an engine of %s: %s, %s, %s backend", model_dir, precision, device, backend)
     reference = Embedder(load_backbone(model_dir, dtype="float32"))
@@ -82,7 +114,6 @@ def build_engine(
         }
         extra["limits"] = limits
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         # raw exports (fp32 weights of a 7B model are 28 GB) go beside the engine, not to a small /tmp
         work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".work", dir=out_dir.parent))
@@ -122,7 +153,85 @@ def build_engine(
         fields["build_seconds"] = round(time.perf_counter() - t0, 1)
         write_manifest(tmp, fields, complete=True)
     log.info("engine written to %s (min cosine %.6f)", out_dir, fields["parity"]["min_cosine"])
-    return out_dir
+
+
+def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """An existing out_dir may be replaced only when asked to, and only if it is an engine (or empty): a
+    mistyped --out must not delete someone's data."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    where = os.fspath(out_dir)
+    if not overwrite:
+        raise EngineError(f"{where!r} already exists (overwrite=True / --overwrite replaces it)")
+    if out_dir.is_dir() and ((out_dir / MANIFEST).is_file() or not any(out_dir.iterdir())):
+        return
+    raise EngineError(
+        f"{where!r} is not an engine directory (no {MANIFEST}) and not empty; refusing to replace it "
+        "with --overwrite (choose another --out)"
+    )
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path):
+    """Hold an exclusive lock on `.NAME.lock` beside out_dir for the build (EngineError if another build
+    into out_dir holds it). The kernel drops the lock when its holder dies: holding it proves that no live
+    build of out_dir exists."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no proof that other builds are dead; build without cleaning up
+        yield False
+        return
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise EngineError(
+                f"another build into {os.fspath(out_dir)!r} is running (pid {holder}); "
+                "wait for it to finish or build elsewhere"
+            ) from None
+        # the previous holder may have unlinked the file between our open and flock: lock the live one
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+def _leftover_pattern(out_dir: Path) -> re.Pattern:
+    """Names of the temporary folders a build of out_dir makes beside it: tempfile's `.NAME.RANDOM.SUFFIX`
+    (atomic_dir's .tmp and .old, the export's .work). RANDOM has no dot, so no other name's folders match."""
+    return re.compile(rf"\.{re.escape(out_dir.name)}\.[a-z0-9_]+\.(tmp|work|old)")
+
+
+def remove_dead_leftovers(out_dir: Path) -> list[Path]:
+    """Remove the temporary folders that killed builds of out_dir left beside it; call with the build
+    lock held (no live build of out_dir then exists). An engine that a kill caught in the middle of being
+    replaced (moved aside to .old/x, the new one not yet in place) is first put back at out_dir."""
+    pattern = _leftover_pattern(out_dir)
+    removed = []
+    for path in sorted(out_dir.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        previous = path / "x"
+        if match.group(1) == "old" and previous.exists() and not (out_dir.exists() or out_dir.is_symlink()):
+            os.replace(previous, out_dir)
+            log.warning("put back %s from %s (a replacing build was killed)", out_dir, path)
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by a killed build", path)
+        removed.append(path)
+    return removed
 
 
 def _onnx_opset(path: Path) -> int | None:

@@ -31,17 +31,28 @@ from ..models.backbones import Backbone
 
 
 class LlavaNextVisionGraph(nn.Module):
-    """CLIP tower + projector over a stack of views (Backbone.encode_views)."""
+    """CLIP tower + projector over a stack of views (the backbone's encode_views).
+
+    Holds only the tower, the projector and the config, never the whole backbone: a deep copy of a graph
+    (aoti.py, to compile on another device) copies exactly the weights the graph uses.
+    """
 
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.vision_tower = backbone.inner.vision_tower  # registered so export sees the parameters
         self.multi_modal_projector = backbone.inner.multi_modal_projector
-        self.backbone = backbone
+        self.config = backbone.config
         self.dtype = backbone.dtype
+        self._encode_views = type(backbone).encode_views
+
+    @property
+    def inner(self) -> nn.Module:
+        # encode_views reads self.inner.vision_tower / .multi_modal_projector and self.config: this
+        # module has them, so the backbone's method runs on it unchanged
+        return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_views(pixel_values.to(self.dtype), None).float()
+        return self._encode_views(self, pixel_values.to(self.dtype), None).float()
 
 
 class Qwen2VLVisionGraph(nn.Module):

@@ -50,6 +50,8 @@ def _load_npy(path: Path) -> np.ndarray:
 class Host:
     """Embedding lookup and image-slot scatter; subclasses add the backbone's vision feeds, pack and positions."""
 
+    ASSETS: tuple[str, ...] = (EMBED_TOKENS,)  # the engine files this side reads (hash-checked at load)
+
     def __init__(self, pre: Preprocessor, engine_dir: str | os.PathLike):
         self.pre = pre
         self.image_token_id = pre.image_token_id
@@ -91,6 +93,8 @@ class Host:
 
 class LlavaNextHost(Host):
     """LLaVA-NeXT: views in chunks, anyres unpad + image_newline, positions from the mask."""
+
+    ASSETS = (EMBED_TOKENS, IMAGE_NEWLINE)
 
     def __init__(self, pre: Preprocessor, engine_dir: str | os.PathLike):
         super().__init__(pre, engine_dir)

@@ -1,8 +1,10 @@
 """The engine directory's manifest.json: what the engine is, and the sha256 of every file it holds.
 
 An engine from elsewhere is checked before anything in it is used (ARCHITECTURE.md, "Safety"): the format
-version must be one this library reads, every listed file must be present with its recorded hash, and the
-build must have finished (a build writes `complete: false` until its parity gate has passed).
+version must be one this library reads, the build must have finished (a build writes `complete: false`
+until its parity gate has passed), and everything the runtime reads must be covered by a hash: the files
+in the directory are exactly the listed ones, each with its recorded sha256, and every path the manifest
+names (graph files, the host side's assets) is one of them, relative and inside the directory.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import atomic
@@ -19,6 +22,7 @@ from ..errors import EngineError
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
+GRAPHS = ("vision", "decoder")  # what every engine holds (export.py)
 # cosine against eager fp32 that each precision must reach on the parity inputs
 PARITY_THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
 
@@ -32,11 +36,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def engine_files(engine_dir: str | os.PathLike) -> list[str]:
-    """Every file under the engine directory but the manifest, as sorted '/'-separated relative paths."""
+    """Every file under the engine directory but the manifest, as sorted '/'-separated relative paths.
+
+    EngineError on a symbolic link or anything else that is not a plain file or directory: a link could
+    make the runtime read what no hash covers (a directory link is not even listed by a glob).
+    """
     root = Path(engine_dir)
-    return sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
-    )
+    names = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for entry in (*dirs, *files):
+            path = Path(folder, entry)
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                raise EngineError(
+                    f"{os.fspath(path)!r}: an engine directory holds only plain files and folders "
+                    "(links and special files are refused)"
+                )
+        names += [Path(folder, f).relative_to(root).as_posix() for f in files]
+    return sorted(name for name in names if name != MANIFEST)
 
 
 def write_manifest(engine_dir: str | os.PathLike, fields: dict[str, Any], *, complete: bool) -> dict:
@@ -82,22 +98,77 @@ def read_manifest(engine_dir: str | os.PathLike, *, allow_incomplete: bool = Fal
             raise EngineError(f"{path}: missing field {key!r}")
     if manifest["precision"] not in PRECISIONS:
         raise EngineError(f"{path}: unknown precision {manifest['precision']!r}")
-    if not isinstance(manifest["files"], dict):
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(d, str) and len(d) == 64 for d in files.values()):
         raise EngineError(f"{path}: field 'files' must map file names to sha256 hashes")
+    for name in files:
+        _check_relative(path, "file entry", name)
+    graphs = manifest["graphs"]
+    if not isinstance(graphs, dict) or set(graphs) != set(GRAPHS):
+        raise EngineError(f"{path}: field 'graphs' must describe exactly the graphs {', '.join(GRAPHS)}")
+    for name, graph in graphs.items():
+        if not isinstance(graph, dict) or not isinstance(graph.get("file"), str):
+            raise EngineError(f"{path}: graph {name!r} must be an object with a string 'file'")
+        _check_relative(path, f"graph {name!r} file", graph["file"])
     return manifest
 
 
-def verify_files(engine_dir: str | os.PathLike, manifest: dict) -> None:
-    """Every file the manifest lists exists with its recorded sha256; EngineError naming the first that does not."""
-    root = Path(engine_dir).resolve()
-    for name, digest in manifest["files"].items():
-        path = (root / name).resolve()
-        if root not in path.parents:  # a manifest must not point outside its directory
-            raise EngineError(f"{root / MANIFEST}: file entry {name!r} points outside the engine directory")
-        if not path.is_file():
-            raise EngineError(
-                f"engine file {os.fspath(path)!r} is missing (the engine is incomplete; rebuild it)"
-            )
+def _check_relative(manifest_path: Path, what: str, name: Any) -> None:
+    """`name` is a canonical relative path inside the engine directory ('a/b.onnx'; no '..', '/x', './a')."""
+    pure = PurePosixPath(name) if isinstance(name, str) else None
+    if (
+        pure is None
+        or not name
+        or pure.is_absolute()
+        or pure.as_posix() != name
+        or any(part in (".", "..") for part in pure.parts)
+        or "\\" in name
+        or name == MANIFEST
+    ):
+        raise EngineError(
+            f"{manifest_path}: {what} {name!r} points outside the engine directory "
+            "(entries are relative paths inside it)"
+        )
+
+
+def verify_files(
+    engine_dir: str | os.PathLike,
+    manifest: dict,
+    *,
+    required: Sequence[str] = (),
+    hashes: bool = True,
+) -> None:
+    """Tie everything the runtime loads to the manifest's hashes; EngineError naming the first problem.
+
+    The files in the directory are exactly those the manifest lists (none missing, none extra, no links),
+    every graph file and every name in `required` (the host side's assets) is among them, and, unless
+    hashes=False (a trusted engine), each file has its recorded sha256. The manifest must have been
+    through `read_manifest` (entries are checked relative paths).
+    """
+    engine_dir = Path(engine_dir)
+    where = engine_dir / MANIFEST
+    listed = manifest["files"]
+    needed = [graph["file"] for graph in manifest["graphs"].values()] + list(required)
+    for name in needed:
+        if name not in listed:
+            raise EngineError(f"{where}: {name!r} is loaded by the engine but has no sha256 in 'files'")
+    present = engine_files(engine_dir)
+    missing = sorted(set(listed) - set(present))
+    if missing:
+        raise EngineError(
+            f"engine file {os.fspath(engine_dir / missing[0])!r} is missing (the engine is incomplete; "
+            "rebuild it)"
+        )
+    unlisted = sorted(set(present) - set(listed))
+    if unlisted:
+        raise EngineError(
+            f"engine file {os.fspath(engine_dir / unlisted[0])!r} is not listed in {MANIFEST} "
+            "(added after the build, or the manifest was edited; rebuild the engine)"
+        )
+    if not hashes:
+        return
+    for name, digest in listed.items():
+        path = engine_dir / name
         if sha256_file(path) != digest:
             raise EngineError(
                 f"engine file {os.fspath(path)!r} does not match its sha256 in {MANIFEST} "

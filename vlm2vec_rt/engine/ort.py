@@ -147,7 +147,10 @@ class Runner:
         self.outputs = {name: s.get_outputs()[0].name for name, s in self.sessions.items()}
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.sessions[graph].run([self.outputs[graph]], feeds)[0]
+        session = self.sessions.get(graph)
+        if session is None:  # closed (from another thread) after this call's Engine read its runner
+            raise EngineError("the engine is closed")
+        return session.run([self.outputs[graph]], feeds)[0]
 
     def close(self) -> None:
         self.sessions.clear()

@@ -11,6 +11,8 @@ from ..preprocess.items import Item
 
 log = logging.getLogger("vlm2vec_rt")
 
+MAX_NORM_ERROR = 1e-3  # | ||row|| - 1 | an engine's embeddings may have (fp16's final L2 runs in fp32)
+
 _TEXTS = [
     ("Find me an everyday image that matches the given caption: ", "a dog running on the beach"),
     (None, "plane"),
@@ -58,25 +60,36 @@ def parity_items() -> list[Item]:
 
 
 def parity_report(engine, reference, threshold: float, *, batch_size: int = 3) -> dict:
-    """Cosine between engine and reference embeddings of `parity_items()`; EngineError below `threshold`."""
+    """Cosine between engine and reference embeddings of `parity_items()`; EngineError below `threshold` or
+    when the engine's rows are not unit-norm (within MAX_NORM_ERROR): users take dot products as cosines."""
     items = parity_items()
-    ref = reference.encode(items, batch_size=batch_size)
+    ref = reference.encode(items, batch_size=batch_size)  # eager: unit rows
     got = engine.encode(items, batch_size=batch_size)
     if not np.isfinite(got).all():
         raise EngineError("parity gate failed: the engine produced non-finite embeddings")
-    cos = (ref * got).sum(1)  # both unit rows
+    norms = np.linalg.norm(got, axis=1)
+    # a true cosine, so a scaled output cannot pass on its length; a zero row gets cosine 0
+    cos = (ref * got).sum(1) / np.maximum(norms, np.finfo(np.float32).tiny)
+    norm_error = np.abs(norms - 1)
     report = {
         "reference": "eager fp32",
         "items": len(items),
         "threshold": threshold,
         "min_cosine": round(float(cos.min()), 7),
         "mean_cosine": round(float(cos.mean()), 7),
-        "max_norm_error": round(float(np.abs(np.linalg.norm(got, axis=1) - 1).max()), 7),
+        "max_norm_error": round(float(norm_error.max()), 7),
+        "max_norm_error_allowed": MAX_NORM_ERROR,
     }
     if cos.min() < threshold:
         worst = int(cos.argmin())
         raise EngineError(
             f"parity gate failed: cosine to eager fp32 is {cos.min():.6f} on parity item {worst} "
             f"(threshold {threshold}); the engine is not written"
+        )
+    if norm_error.max() > MAX_NORM_ERROR:
+        worst = int(norm_error.argmax())
+        raise EngineError(
+            f"parity gate failed: the engine's embedding of parity item {worst} has norm {norms[worst]:.6f}, "
+            f"not 1 (allowed error {MAX_NORM_ERROR}); the engine is not written"
         )
     return report

@@ -10,6 +10,7 @@ the host side needs only the embedding table, image_newline and the config (engi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -67,10 +68,11 @@ class Engine:
         """Check and load an engine directory built by `build_engine`.
 
         Checks, each an EngineError naming the problem: the manifest's format version, that the build
-        finished, every file against its sha256 (verify=False skips the hashing of a trusted engine),
-        the backend installed and able to run on `device`. num_threads: the backend's intra-op threads
-        (default: the cores this process may use). image_resolution, max_image_pixels, tiling: as for
-        Embedder (tiling=None: the Preprocessor's default image path).
+        finished, that the directory holds exactly the files the manifest lists (every graph and asset
+        among them, none outside it), every file against its sha256 (verify=False skips the hashing of
+        a trusted engine), the backend installed and able to run on `device`. num_threads: the
+        backend's intra-op threads (default: the cores this process may use). image_resolution,
+        max_image_pixels, tiling: as for Embedder (tiling=None: the Preprocessor's default image path).
         """
         path = Path(engine_dir)
         manifest = read_manifest(path, allow_incomplete=_allow_incomplete)
@@ -80,9 +82,12 @@ class Engine:
             raise EngineError(
                 f"{os.fspath(path)!r} is a {backend} engine built for {built_for}; rebuild it for {device}"
             )
+        host_class = HOSTS.get(manifest["backbone"])
+        if host_class is None:
+            raise EngineError(f"{path / MANIFEST}: unknown backbone {manifest['backbone']!r}")
         module = require(backend, device)
-        if verify:
-            verify_files(path, manifest)
+        # what is loaded is always checked to be listed and inside the directory; the hashing is skippable
+        verify_files(path, manifest, required=host_class.ASSETS, hashes=verify)
         try:
             options = {} if tiling is None else {"tiling": tiling}
             pre = load_preprocessor(
@@ -97,7 +102,7 @@ class Engine:
             raise EngineError(
                 f"{path / MANIFEST}: backbone {manifest['backbone']!r} but the preprocessor is {pre.name!r}"
             )
-        host = HOSTS[pre.name](pre, path)
+        host = host_class(pre, path)
         if host.hidden_size != manifest["dim"]:
             raise EngineError(
                 f"{path / MANIFEST}: dim {manifest['dim']} but the embedding table has {host.hidden_size}"
@@ -153,32 +158,40 @@ class Engine:
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(items), self.dim), dtype=np.float32)
-        bar = progress_bar(len(items), enabled=progress, desc="encode")
-        for start, prepared in prepare_ahead(self.pre, items, batch_size * _WINDOW_BATCHES):
-            lengths = [len(ids) for ids, _ in prepared]
-            for idx in token_budget_batches(
-                lengths, max_tokens=max_tokens, max_batch=min(batch_size, self.max_batch)
-            ):
-                out[start + idx] = self.run_batch(self.pre.collate([prepared[i] for i in idx]))
-                bar.update(len(idx))
-        bar.close()
+        # closing(): when the model step raises, the prepare-ahead worker is shut down here, not left to
+        # the garbage collector; the bar is closed on every exit
+        with (
+            progress_bar(len(items), enabled=progress, desc="encode") as bar,
+            contextlib.closing(prepare_ahead(self.pre, items, batch_size * _WINDOW_BATCHES)) as windows,
+        ):
+            for start, prepared in windows:
+                lengths = [len(ids) for ids, _ in prepared]
+                for idx in token_budget_batches(
+                    lengths, max_tokens=max_tokens, max_batch=min(batch_size, self.max_batch)
+                ):
+                    out[start + idx] = self.run_batch(self.pre.collate([prepared[i] for i in idx]))
+                    bar.update(len(idx))
         return out
 
     def run_batch(self, batch: NumpyBatch) -> np.ndarray:
         """One collated batch through vision graph, host side and decoder graph -> [B, dim] float32."""
+        runner = self.runner  # read once: close() from another thread may set it to None meanwhile
+        if runner is None:
+            raise EngineError(f"engine {os.fspath(self.path)!r} is closed")
         features: list[np.ndarray] = []
         if batch.pixel_values is not None:
-            outputs = [self.runner.run("vision", feed) for feed in self.host.vision_feeds(batch)]
+            outputs = [runner.run("vision", feed) for feed in self.host.vision_feeds(batch)]
             features = self.host.pack(outputs, batch)
         feeds = {
             "inputs_embeds": self.host.inputs_embeds(batch.input_ids, features),
             "attention_mask": batch.attention_mask,
             "position_ids": self.host.position_ids(batch),
         }
-        return self.runner.run("decoder", feeds)
+        return runner.run("decoder", feeds)
 
     def close(self) -> None:
-        """Release the backend's sessions now (garbage collection does it otherwise); encode then fails."""
-        if self.runner is not None:
-            self.runner.close()
-            self.runner = None
+        """Release the backend's sessions now (garbage collection does it otherwise); encode then fails
+        with EngineError, in this thread or any other (a call in flight fails at its next graph call)."""
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.close()

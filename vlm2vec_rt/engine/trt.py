@@ -129,7 +129,9 @@ class Runner:
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         trt, torch = self.trt, self.torch
-        engine, context = self.engines[graph], self.contexts[graph]
+        engine, context = self.engines.get(graph), self.contexts.get(graph)
+        if engine is None or context is None:  # closed (from another thread) after the Engine read its runner
+            raise EngineError("the engine is closed")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         with self.lock, torch.cuda.stream(self.stream):
             keep, outputs = [], []
