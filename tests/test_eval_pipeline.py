@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -290,28 +288,81 @@ def test_scalar_target_columns_are_broadcast(tmp_path):
     assert ("", "NIGHTS/p.png") in enc.seen
 
 
+def test_cache_files_are_checked_and_stay_under_the_cache_root(tmp_path, caplog):
+    from vlm2vec_rt.eval.cache import path_component
+
+    data = tmp_path / "data"
+    many_dataset(data, "VisDial", n=11, k=6, seed=2)  # 11 queries + 22 images
+    clean = mmeb.evaluate(HashEncoder(), data, chunk_size=4)
+    cache = tmp_path / "run" / "cache"
+    first = HashEncoder(limit=11 + 8)  # the queries, then 2 chunks of candidates, then "killed"
+    with pytest.raises(KeyboardInterrupt):
+        mmeb.evaluate(first, data, cache_dir=cache, chunk_size=4)
+    chunks = sorted(cache.rglob("chunk-*.npy"))
+    assert len(chunks) == 2
+    np.save(chunks[1], np.ones((4, 8), np.float32))  # valid .npy, right shape, wrong content
+    second = HashEncoder()
+    with caplog.at_level("WARNING", logger="vlm2vec_rt"):
+        assert mmeb.evaluate(second, data, cache_dir=cache, chunk_size=4) == clean
+    assert "does not match its checksum" in caplog.text
+    assert len(second.seen) == 22 - 4  # the damaged chunk again, and what was never encoded
+    # a finished side is one checked file too
+    (candidates,) = [p for p in cache.rglob("embeddings-*.npy") if p.parent.name.startswith("candidates")]
+    candidates.write_bytes(candidates.read_bytes()[:-4] + b"\0\0\0\0")
+    third = HashEncoder()
+    assert mmeb.evaluate(third, data, cache_dir=cache, chunk_size=4) == clean
+    assert len(third.seen) == 22
+    # a cache key (or dataset name) is one path component under the cache root, whatever it holds
+    escape = tmp_path / "escape"
+    mmeb.evaluate(HashEncoder(fingerprint=None), data, cache_dir=escape / "cache", cache_key="..")
+    assert [p.name for p in escape.iterdir()] == ["cache"]
+    assert len({path_component(n) for n in ("..", ".", "", "a.b", "a_b", "a/b", "VisDial")}) == 7
+    assert path_component("VisDial") == "VisDial"
+
+
 # ---- torchrun -------------------------------------------------------------------------------------------
 _RANK_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
-from test_eval_pipeline import HashEncoder
-from vlm2vec_rt import eval as mmeb
-from vlm2vec_rt.eval.distributed import init_from_env
-
-init_from_env("cpu")
-enc = HashEncoder()
-scores = mmeb.evaluate(enc, {data!r}, out_dir={out!r}, chunk_size=3)
-rank = int(os.environ["RANK"])
-with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
-    json.dump({{"scores": scores, "encoded": len(enc.seen)}}, f)
-# leave the group together: a rank exiting mid-teardown can abort the other (gloo's std::terminate)
 import torch.distributed as dist
-dist.barrier()
-dist.destroy_process_group()
+from test_eval_pipeline import HashEncoder
+from vlm2vec_rt import distributed
+from vlm2vec_rt import eval as mmeb
+
+
+class FailsOnRank1(HashEncoder):
+    def encode(self, items, **kw):
+        if os.environ["RANK"] == "1":
+            raise ValueError("rank 1 fails on purpose")
+        return super().encode(items, **kw)
+
+
+report = {{}}
+with distributed.joined("cpu"):  # and leave together: a rank exiting mid-teardown can abort the other
+    # Pretend the job is NCCL, where the object collectives need a gloo side group, and count those made.
+    made, new_group, get_backend = [], dist.new_group, dist.get_backend
+    dist.new_group = lambda *a, **k: made.append(1) or new_group(*a, **k)
+    dist.get_backend = lambda group=None: "nccl"
+    enc = HashEncoder()
+    report["scores"] = mmeb.evaluate(enc, {data!r}, out_dir={out!r}, chunk_size=3)
+    report["encoded"] = len(enc.seen)
+    mmeb.evaluate(HashEncoder(), {data!r}, chunk_size=3)
+    report["same_comm"] = distributed.current() is distributed.current()
+    try:  # an encoder failing on rank 1 only: every rank raises, none waits for it
+        mmeb.evaluate(FailsOnRank1(fingerprint=None), {data!r}, chunk_size=3)
+    except Exception as e:
+        report["error"] = [type(e).__name__, str(e)]
+    report["side_groups"] = len(made)
+    dist.new_group, dist.get_backend = new_group, get_backend
+report["left"] = not dist.is_initialized() and not isinstance(distributed.current(), distributed.TorchDistributed)
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(report, f)
 """
 
 
 def test_torchrun_two_gloo_processes_match_one(tmp_path):
+    from test_training_distributed import torchrun
+
     data, out = tmp_path / "data", tmp_path / "out"
     many_dataset(data, "MSCOCO_t2i", n=7, k=4, seed=3)
     many_dataset(data, "VisDial", n=5, k=5, seed=4)
@@ -319,15 +370,20 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT.format(tests=str(Path(__file__).parent), data=str(data), out=str(out)))
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(script, [], timeout=240)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["scores"] == ranks[1]["scores"] == single
     assert all(r["encoded"] > 0 for r in ranks)  # both ranks did work
     assert sum(r["encoded"] for r in ranks) == 7 + 14 + 5 + 10  # and nothing twice
     assert load_results(out)["datasets"]["VisDial"]["precision_at_1"] == single["VisDial"]
+    # One side group for three evaluations; the same collectives object each time; the group left cleanly.
+    assert [(r["side_groups"], r["same_comm"], r["left"]) for r in ranks] == [(1, True, True)] * 2
+    # rank 1's ValueError: its own on rank 1, and on rank 0 a RuntimeError saying what and where
+    assert ranks[1]["error"] == ["ValueError", "rank 1 fails on purpose"]
+    assert ranks[0]["error"] == [
+        "RuntimeError",
+        "ValueError on rank 1: dataset 'VisDial', encoding queries: rank 1 fails on purpose",
+    ]
 
 
 def test_empty_parquet_is_an_error(tmp_path):

@@ -158,18 +158,27 @@ def test_bad_data_stops_training_before_any_step(tmp_path, tiny_qwen, digit_set)
 
 
 # ---- sampler -----------------------------------------------------------------------------------------------
-def test_sampler_keeps_equal_targets_apart():
+def _check_epoch(batches, targets, datasets, batch_size):
+    """Every example exactly once; each batch from one dataset, its targets distinct, at most batch_size."""
+    used = np.concatenate(batches)
+    assert sorted(used.tolist()) == list(range(len(targets)))
+    for b in batches:
+        assert 1 <= len(b) <= batch_size
+        assert len({datasets[i] for i in b}) == 1
+        assert len({targets[i] for i in b}) == len(b)
+
+
+def test_sampler_keeps_equal_targets_apart_and_uses_every_example():
     rng = np.random.default_rng(0)
     targets = [(f"label {int(x)}", "") for x in rng.integers(0, 10, 503)]
     sampler = DistinctTargetSampler(targets, 8, seed=3)
     batches = sampler.epoch(0)
-    for b in batches:
-        assert len(b) == 8 and len({targets[i] for i in b}) == 8
-    used = np.concatenate(batches)
-    assert len(set(used.tolist())) == len(used) >= 480  # each example at most once, few left for later epochs
+    _check_epoch(batches, targets, ["data"] * len(targets), 8)
+    assert {len(b) for b in batches} <= {7, 8}  # 503 rows in 63 batches: sizes differ by one at most
     again = DistinctTargetSampler(targets, 8, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again.epoch(0)))
     assert not all(np.array_equal(a, b) for a, b in zip(batches, sampler.epoch(1)))
+    _check_epoch(sampler.epoch(1), targets, ["data"] * len(targets), 8)
     # the position after the last batch of an epoch is the first batch of the next
     last, epoch, index = sampler.batch_at(0, len(batches) - 1)
     assert np.array_equal(last, batches[-1]) and (epoch, index) == (0, len(batches))
@@ -177,9 +186,39 @@ def test_sampler_keeps_equal_targets_apart():
     assert np.array_equal(first, sampler.epoch(1)[0]) and (epoch, index) == (1, 1)
 
 
-def test_sampler_refuses_batches_larger_than_the_labels():
-    with pytest.raises(InputError, match="larger than the number of distinct targets"):
-        DistinctTargetSampler([("a", ""), ("b", ""), ("a", "")], 3)
+def test_sampler_does_not_starve_datasets_with_few_labels():
+    """5000 distinct-target rows + 5000 two-label rows, batch 256 (the review's case): the old sampler used 38
+    of the two-label rows per epoch. Now every row is used once per epoch, a batch never mixes datasets, the
+    two-label set gets batches of two, and the rows drawn follow dataset sizes all through the epoch."""
+    targets = [(f"caption {i}", "") for i in range(5000)] + [(("yes", "no")[i % 2], "") for i in range(5000)]
+    datasets = ["Distinct"] * 5000 + ["TwoLabel"] * 5000
+    sampler = DistinctTargetSampler(targets, 256, datasets=datasets, seed=0)
+    batches = sampler.epoch(0)
+    _check_epoch(batches, targets, datasets, 256)
+    sizes = {name: {len(b) for b in batches if datasets[b[0]] == name} for name in ("Distinct", "TwoLabel")}
+    assert sizes == {"Distinct": {250}, "TwoLabel": {2}}
+    rows = np.cumsum([len(b) for b in batches])
+    two_label = np.cumsum([len(b) * (datasets[b[0]] == "TwoLabel") for b in batches])
+    for fraction in (0.1, 0.25, 0.5, 0.75):
+        at = int(np.searchsorted(rows, fraction * len(targets)))
+        assert abs(two_label[at] / rows[at] - 0.5) < 0.05, fraction
+    assert sampler.describe() == (
+        "Distinct 5000 rows (50.0%) in 20 batches of 250 (0.8% of steps); "
+        "TwoLabel 5000 rows (50.0%) in 2500 batches of 2 (99.2% of steps)"
+    )
+    assert [p.limited for p in sampler.plans] == [False, True]
+    # a dominant label: batches as many as its rows, sizes differing by one at most
+    skewed = [("yes", "")] * 7 + [("no", "")] * 3 + [("maybe", "")] * 2
+    batches = DistinctTargetSampler(skewed, 4, seed=1).epoch(5)
+    _check_epoch(batches, skewed, ["data"] * 12, 4)
+    assert sorted(len(b) for b in batches) == [1, 1, 2, 2, 2, 2, 2]
+
+
+def test_sampler_refuses_batches_smaller_than_the_ranks():
+    targets = [("a", ""), ("b", ""), ("a", "")]
+    assert sorted(len(b) for b in DistinctTargetSampler(targets, 3).epoch(0)) == [1, 2]
+    with pytest.raises(InputError, match="dataset 'HatefulMemes'.*only 1 row.*fewer than the 2 ranks"):
+        DistinctTargetSampler(targets, 3, datasets=["HatefulMemes"] * 3, min_batch=2)
 
 
 # ---- resume after SIGKILL ----------------------------------------------------------------------------------
@@ -256,6 +295,36 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_dirs(tmp_path, 
         train(tiny_qwen, digit_set, tmp_path / "out", steps=1, batch_size=4)
     with pytest.raises(InputError, match="batch_size: 4 -> 8"):
         train(tiny_qwen, digit_set, tmp_path / "out", steps=1, batch_size=8, lora_r=2, resume=True)
+
+
+def test_a_run_that_fails_to_start_leaves_nothing_and_can_be_retried(tmp_path, tiny_qwen, digit_set, caplog):
+    """`train --model /nonexistent` used to leave out/train_config.json, and the identical retry was refused
+    ("already holds a training run"). A config without any checkpoint or final adapter is no run to protect."""
+    from vlm2vec_rt.cli import main
+    from vlm2vec_rt.training.trainer import train
+
+    out = tmp_path / "out"
+    rest = ["--data", str(digit_set), "--out", str(out), "--steps", "1", "--batch-size", "4"]
+    assert main(["train", "--model", str(tmp_path / "nonexistent"), *rest]) == 2
+    assert not out.exists()
+    caplog.set_level("INFO", logger="vlm2vec_rt.training")
+    assert main(["train", "--model", tiny_qwen, *rest]) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert "epoch 0: Digits 40 rows (100.0%) in 10 batches of 4 (100.0% of steps)" in caplog.text
+
+    # What a run killed before its first checkpoint leaves: its settings and a log. A new run replaces both.
+    left = tmp_path / "left"
+    left.mkdir()
+    (left / "train_config.json").write_text(json.dumps({"batch_size": 8}))
+    (left / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    train(tiny_qwen, digit_set, left, steps=1, batch_size=4, lora_r=2)
+    assert json.loads((left / "train_config.json").read_text())["batch_size"] == 4
+    logged = [json.loads(line) for line in (left / "train_log.jsonl").read_text().splitlines()]
+    assert len(logged) == 1 and logged[0]["loss"] != 9.0
+    # a directory with checkpoints but no settings cannot be resumed
+    (left / "train_config.json").unlink()
+    with pytest.raises(InputError, match="no train_config.json"):
+        train(tiny_qwen, digit_set, left, steps=1, batch_size=4, lora_r=2, resume=True)
 
 
 def test_full_finetune_writes_a_complete_model(tmp_path, tiny_qwen, digit_set):

@@ -1,14 +1,16 @@
 """Distributed exactness: 2 gloo processes on CPU with local batch 4 give the gradients of one process with
 batch 8, through DDP, GradCache with no_sync, and queries/positives/negatives gathered across ranks.
 
-The test launches this file twice as a worker (RANK / WORLD_SIZE / MASTER_* in the environment, as torchrun
-sets them). Dropout is off: two processes cannot draw the masks one process draws.
+The test launches this file as 2 workers with torchrun (`python -m torch.distributed.run --standalone`: it
+picks the rendezvous port itself and stops every worker when one fails; see `torchrun`). Dropout is off: two
+processes cannot draw the masks one process draws.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,35 +54,32 @@ def encoder(bb, module):
 
 def worker(model_dir: str, out: str) -> None:
     """One rank: its slice of the global batch, DDP + GradCache (chunk 3: several no_sync chunks)."""
-    import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from vlm2vec_rt.eval.distributed import init_from_env
+    from vlm2vec_rt import distributed
     from vlm2vec_rt.training import grad_cache_step
     from vlm2vec_rt.training.trainer import EmbeddingModel
 
     torch.set_num_threads(1)
-    init_from_env("cpu")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    bb = lora_backbone(model_dir)
-    ddp = torch.nn.parallel.DistributedDataParallel(EmbeddingModel(bb), forward_sync_buffers=False)
-    queries, targets, negatives = global_batch()
-    local = len(queries) // world
-    mine = slice(rank * local, (rank + 1) * local)
-    loss = grad_cache_step(
-        encoder(bb, ddp),
-        queries[mine],
-        targets[mine],
-        negatives=negatives[rank],
-        chunk_size=3,
-        no_sync=ddp.no_sync,
-    )
-    grads = {n: p.grad.contiguous() for n, p in bb.model.named_parameters() if p.requires_grad}
-    grads["loss"] = torch.tensor([loss])
-    save_file(grads, os.path.join(out, f"rank{rank}.safetensors"))
-    del ddp  # the DDP wrapper holds the group: drop it before the group goes
-    dist.barrier()  # no rank tears the group down while another is still in a collective
-    dist.destroy_process_group()
+    with distributed.joined("cpu"):  # leaves the group together with the other rank
+        rank, world = distributed.rank(), distributed.world_size()
+        bb = lora_backbone(model_dir)
+        ddp = torch.nn.parallel.DistributedDataParallel(EmbeddingModel(bb), forward_sync_buffers=False)
+        queries, targets, negatives = global_batch()
+        local = len(queries) // world
+        mine = slice(rank * local, (rank + 1) * local)
+        loss = grad_cache_step(
+            encoder(bb, ddp),
+            queries[mine],
+            targets[mine],
+            negatives=negatives[rank],
+            chunk_size=3,
+            no_sync=ddp.no_sync,
+        )
+        grads = {n: p.grad.contiguous() for n, p in bb.model.named_parameters() if p.requires_grad}
+        grads["loss"] = torch.tensor([loss])
+        save_file(grads, os.path.join(out, f"rank{rank}.safetensors"))
+        del ddp  # the DDP wrapper holds the group: drop it before the group goes
 
 
 TRAIN_SETTINGS = dict(
@@ -96,28 +95,73 @@ def train_worker(model_dir: str, data_dir: str, out: str) -> None:
     train(model_dir, data_dir, out, **TRAIN_SETTINGS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(script: str | os.PathLike, args: list[str], *, timeout: float = 240, nproc: int = 2) -> str:
+    """Run `script args` as nproc CPU ranks under torchrun; its output. A failed rank fails the call (torchrun
+    stops the others). Past `timeout` seconds torchrun and every worker are stopped, so a hung rank costs
+    the timeout and leaks no process (torchrun starts each worker in a session of its own, out of reach of
+    a signal to torchrun's process group: they are found through /proc)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.Popen(
+        [*cmd, os.fspath(script), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_tree(proc)
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun still running after {timeout} s: stopped\n{output[-3000:]}") from None
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C) while waiting
+            _stop_tree(proc)
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state, ppid, ...), or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> start time of every process below pid (the start time tells a reused pid apart)."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = _stat(entry.name) if entry.name.isdigit() else None
+        if fields:
+            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found, todo = {}, [pid]
+    while todo:
+        for child, started in children.get(todo.pop(), []):
+            found[child] = started
+            todo.append(child)
+    return found
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM to torchrun (it stops its workers), then SIGKILL to whatever of the tree is left."""
+    workers = _descendants(proc.pid)
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+    for pid, started in workers.items():
+        fields = _stat(pid)
+        if fields and fields[19] == started:  # still the worker we found, not a pid used again
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def _launch(args: list[str]) -> None:
-    """Run this file as 2 ranks with torchrun's environment variables."""
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, *args],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        output, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, output[-3000:]
+    """Run this file as 2 ranks."""
+    torchrun(__file__, args)
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path, tiny_qwen):
@@ -178,6 +222,48 @@ def test_trainer_on_two_ranks_follows_one_process(tmp_path, tiny_qwen):
     den = sum(float(one[k].pow(2).sum()) for k in b_keys)
     assert den > 0 and (num / den) ** 0.5 < 1e-3
     assert len(load_checkpoint(latest_checkpoint(tmp_path / "two")).rng) == 2
+
+
+_DIES = """
+import os, sys
+if os.environ["RANK"] == "0":
+    sys.exit(3)  # gone before the rendezvous
+import torch.distributed as dist
+dist.init_process_group("gloo")  # rank 1 would wait here for rank 0 (30 minutes by default)
+"""
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_launcher_fails_fast_and_leaves_no_rank_behind(tmp_path):
+    """Rank 0 dies while rank 1 waits for it, or every rank hangs: the launch fails (at once, or at its
+    timeout) and no worker outlives it."""
+    import time
+
+    import pytest
+
+    dies, hangs = tmp_path / "dies_on_rank0.py", tmp_path / "hangs.py"
+    dies.write_text(_DIES)
+    hangs.write_text("import time\ntime.sleep(600)\n")
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="exitcode"):
+        torchrun(dies, [], timeout=120)
+    assert time.monotonic() - started < 100
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="still running after 5 s"):
+        torchrun(hangs, [], timeout=5)
+    assert time.monotonic() - started < 60
+    assert _processes_mentioning(str(dies)) == _processes_mentioning(str(hangs)) == []
 
 
 if __name__ == "__main__":

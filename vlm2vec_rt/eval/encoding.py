@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from ..distributed import RankError, SingleProcess, on_main, raise_everywhere
 from ..errors import InputError
 from ..progress import progress_bar
 from .cache import EmbeddingCache, SideCache, keys_digest
-from .distributed import SingleProcess
 from .reader import EvalData
 
 log = logging.getLogger("vlm2vec_rt")
@@ -94,7 +94,11 @@ def encode_side(
     comm: SingleProcess,
     progress: bool = False,
 ) -> tuple[np.ndarray | None, SideStats]:
-    """Embeddings of the side's unique keys in key order: [U, D] on rank 0, None on other ranks."""
+    """Embeddings of the side's unique keys in key order: [U, D] on rank 0, None on other ranks.
+
+    An exception on any rank (the encoder's, or rank 0's while it caches) is raised on every rank: see
+    vlm2vec_rt.distributed.raise_everywhere.
+    """
     t0 = time.perf_counter()
     keys = data.queries if side == "queries" else data.candidates
     order = encoding_order(keys)
@@ -104,8 +108,10 @@ def encode_side(
     stats = SideStats(items=len(keys))
     store: SideCache | None = None
     done: dict[int, np.ndarray] = {}
-    complete = None
-    if comm.is_main:
+    complete: np.ndarray | None = None
+
+    def look_up_cache() -> list[int]:  # rank 0: the chunks still to encode
+        nonlocal store, complete
         if cache is not None:
             digest = keys_digest([keys[i] for i in order], data.image_root)
             store = cache.side(data.name, side, digest, len(keys), chunk_size)
@@ -115,54 +121,68 @@ def encode_side(
                     array = store.load_chunk(c)
                     if array is not None:
                         done[c] = array
-        todo = [] if complete is not None else [c for c in range(num_chunks) if c not in done]
-    else:
-        todo = None
-    todo = comm.broadcast(todo)
+        return [] if complete is not None else [c for c in range(num_chunks) if c not in done]
+
+    todo = on_main(comm, look_up_cache)
     bar = progress_bar(len(keys), enabled=progress and comm.is_main, desc=f"{data.name} {side}", leave=False)
     bar.update(len(keys) - sum(min(chunk_size, len(keys) - c * chunk_size) for c in todo))
 
     # Each round every rank encodes one chunk; rank 0 collects them (and writes them to the cache).
     world = comm.world_size
+    context = f"dataset {data.name!r}, encoding {side}"
     for start in range(0, len(todo), world):
         mine = start + comm.rank
-        result: tuple[int, Any] | None = None
+        result: tuple[int, np.ndarray | RankError] | None = None
+        local: BaseException | None = None  # this rank's own failure, raised here with its traceback
         if mine < len(todo):
             c = todo[mine]
             idx = order[c * chunk_size : (c + 1) * chunk_size]
             try:
                 result = (c, call_encode(encoder, data.items(side, idx), batch_size=batch_size))
             except InputError as e:
-                result = (c, _locate_error(str(e), data, side, idx))
+                local = InputError(_locate_error(str(e), data, side, idx))
+                result = (c, RankError.of(local, comm.rank))
+            except Exception as e:  # an engine error, an out-of-memory, a user encoder's bug: all ranks stop
+                e.add_note(f"({context})")
+                local, result = e, (c, RankError.of(e, comm.rank, context=context))
         gathered = comm.gather(result)
         error = None
         if comm.is_main:
-            for got in gathered:
-                if got is None:
-                    continue
-                c, array = got
-                if isinstance(array, str):
-                    error = error or array
-                    continue
-                done[c] = array
-                if store is not None:
-                    store.save_chunk(c, array)
-                bar.update(array.shape[0])
-                stats.encoded += array.shape[0]
+            try:
+                for got in gathered:
+                    if got is None:
+                        continue
+                    c, array = got
+                    if isinstance(array, RankError):
+                        error = error or array
+                        continue
+                    done[c] = array
+                    if store is not None:
+                        store.save_chunk(c, array)
+                    bar.update(array.shape[0])
+                    stats.encoded += array.shape[0]
+            except Exception as e:  # e.g. the cache's disk is full
+                local = local or e
+                error = error or RankError.of(e, comm.rank, context=context)
         error = comm.broadcast(error)
-        if error:
+        if error is not None:
             bar.close()
-            raise InputError(error)
+            raise_everywhere(error, local)
     bar.close()
+
+    def assemble() -> None:  # rank 0: the whole side, stored as one cache file
+        nonlocal complete
+        if complete is None:
+            if keys:
+                complete = np.concatenate([done[c] for c in range(num_chunks)])
+            else:
+                complete = np.zeros((0, 0), dtype=np.float32)
+            if store is not None and len(keys):
+                store.finish(complete)
+
+    on_main(comm, assemble)
     if not comm.is_main:
         return None, stats
-    if complete is None:
-        if keys:
-            complete = np.concatenate([done[c] for c in range(num_chunks)])
-        else:
-            complete = np.zeros((0, 0), dtype=np.float32)
-        if store is not None and len(keys):
-            store.finish(complete)
     stats.cached = len(keys) - stats.encoded
     embeddings = np.empty_like(complete)
     embeddings[order] = complete

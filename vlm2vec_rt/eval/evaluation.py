@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..errors import InputError
-from . import distributed
 from .aggregate import aggregate
 from .cache import EmbeddingCache
 from .encoding import SideStats, encode_side, encoder_fingerprint
-from .reader import Skip, list_datasets, read_dataset
+from .reader import EvalData, Skip, list_datasets, read_dataset
 from .registry import known_datasets
 from .scoring import metrics, positive_ranks
 
@@ -198,7 +198,7 @@ def run_evaluation(
     data_dir = Path(data_dir)
     image_root = Path(image_root) if image_root is not None else data_dir / "eval_images"
     comm = comm if comm is not None else distributed.current()
-    names = _on_main(comm, lambda: _dataset_names(data_dir, datasets))
+    names = distributed.on_main(comm, lambda: _dataset_names(data_dir, datasets))
     fingerprint = encoder_fingerprint(encoder, cache_key)
     cache = None
     if cache_dir is not None and fingerprint:
@@ -211,7 +211,7 @@ def run_evaluation(
     results: dict[str, DatasetResult] = {}
     skipped: list[Skip] = []
     for name in names:
-        data = _on_main(
+        data = distributed.on_main(
             comm, lambda n=name: read_dataset(data_dir, n, image_root=image_root, skip_missing=skip_missing)
         )
         if isinstance(data, Skip):
@@ -224,30 +224,12 @@ def run_evaluation(
         )
         q_emb, q_stats = encode_side(encoder, data, "queries", **side_args)
         c_emb, c_stats = encode_side(encoder, data, "candidates", **side_args)
-        if not comm.is_main:
-            continue
-        ranks = positive_ranks(q_emb, c_emb, data.query_index, data.candidate_index, ties=ties)
-        result = DatasetResult(
-            name=name,
-            metrics=metrics(ranks),
-            num_queries=data.num_queries,
-            candidates_per_query=data.candidates_per_query,
-            queries=q_stats,
-            candidates=c_stats,
-            skipped_rows=data.skipped,
-        )
-        results[name] = result
-        log.info(
-            "%s: Precision@1 %.1f (%d queries, %d-%d candidates; %d encoded, %d from cache, %.1f s)%s",
-            name,
-            100 * result.precision_at_1,
-            result.num_queries,
-            *result.candidates_per_query,
-            q_stats.encoded + c_stats.encoded,
-            q_stats.cached + c_stats.cached,
-            q_stats.seconds + c_stats.seconds,
-            f"; {len(data.skipped)} rows skipped" if data.skipped else "",
-        )
+
+        def score(data=data, q=(q_emb, q_stats), c=(c_emb, c_stats)) -> None:
+            results[data.name] = _score(data, *q, *c, ties=ties)
+
+        # On rank 0, but as a collective: if scoring fails there, no other rank waits for it in the next one.
+        distributed.on_main(comm, score)
     return EvalRun(
         label=label or _default_label(encoder, fingerprint),
         fingerprint=fingerprint,
@@ -258,6 +240,33 @@ def run_evaluation(
         skipped_datasets=skipped,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _score(
+    data: EvalData, q_emb: np.ndarray, q_stats: SideStats, c_emb: np.ndarray, c_stats: SideStats, *, ties: str
+) -> DatasetResult:
+    ranks = positive_ranks(q_emb, c_emb, data.query_index, data.candidate_index, ties=ties)
+    result = DatasetResult(
+        name=data.name,
+        metrics=metrics(ranks),
+        num_queries=data.num_queries,
+        candidates_per_query=data.candidates_per_query,
+        queries=q_stats,
+        candidates=c_stats,
+        skipped_rows=data.skipped,
+    )
+    log.info(
+        "%s: Precision@1 %.1f (%d queries, %d-%d candidates; %d encoded, %d from cache, %.1f s)%s",
+        data.name,
+        100 * result.precision_at_1,
+        result.num_queries,
+        *result.candidates_per_query,
+        q_stats.encoded + c_stats.encoded,
+        q_stats.cached + c_stats.cached,
+        q_stats.seconds + c_stats.seconds,
+        f"; {len(data.skipped)} rows skipped" if data.skipped else "",
+    )
+    return result
 
 
 def _dataset_names(data_dir: Path, datasets: Sequence[str] | str | None) -> list[str]:
@@ -274,20 +283,6 @@ def _dataset_names(data_dir: Path, datasets: Sequence[str] | str | None) -> list
     if not names:
         raise InputError("no datasets named")
     return names
-
-
-def _on_main(comm, fn):
-    """fn() run on rank 0 and broadcast; an InputError it raises is raised on every rank (none hangs)."""
-    value = None
-    if comm.is_main:
-        try:
-            value = fn()
-        except InputError as e:
-            value = e
-    value = comm.broadcast(value)
-    if isinstance(value, InputError):
-        raise InputError(str(value))
-    return value
 
 
 def _default_label(encoder: Any, fingerprint: str | None) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import distributed
+from .. import distributed
 from .bundled import write_bundled
 from .evaluation import run_evaluation
 from .report import format_comparison, format_results, write_comparison, write_reports
@@ -32,24 +32,16 @@ def run_eval(args: argparse.Namespace, load_encoder: Callable[[argparse.Namespac
         print(f"\nwritten to {os.path.join(args.out, 'comparison.{json,md,png}')}")
         return 0
 
-    joined_here = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        joined_here = not dist.is_initialized()
-        args.device = distributed.init_from_env(args.device)
-    try:
+    with distributed.joined(args.device) as args.device:
         comm = distributed.current()
         data_dir = args.data
         if data_dir is None:
             # Rank 0 writes the bundled benchmark (once, cached); the others then find it complete.
-            if comm.is_main:
-                write_bundled()
-            comm.barrier()
+            distributed.on_main(comm, write_bundled)
             data_dir = write_bundled().eval_dir
             if comm.is_main:
                 log.info("no --data: evaluating the bundled benchmark in %s", data_dir)
-        encoder = load_encoder(args)
+        encoder = distributed.on_every_rank(comm, lambda: load_encoder(args))
         run = run_evaluation(
             encoder,
             data_dir,
@@ -63,14 +55,11 @@ def run_eval(args: argparse.Namespace, load_encoder: Callable[[argparse.Namespac
             label=args.engine or args.model,
             comm=comm,
         )
-        if comm.is_main:
+
+        def report() -> None:
             results = write_reports(run, args.out)
             print(format_results(results))
             print(f"\nwritten to {os.path.join(args.out, 'results.{json,md,png}')}")
-        comm.barrier()
-    finally:
-        if joined_here:
-            import torch.distributed as dist
 
-            dist.destroy_process_group()
+        distributed.on_main(comm, report)
     return 0

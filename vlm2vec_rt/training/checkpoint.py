@@ -39,25 +39,11 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    rng: list[dict[str, Any]]  # per rank: {"cpu": ByteTensor, "cuda": [ByteTensor] | None}
+    rng: list[dict[str, Any]]  # per rank: what rng.rng_state() captured
 
 
 def checkpoints_dir(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / "checkpoints"
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's torch RNG states (CPU, and every CUDA device once CUDA is initialised)."""
-    return {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(

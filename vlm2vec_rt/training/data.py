@@ -7,7 +7,8 @@
 Texts are taken as MMEB writes them (instruction and `<|image_1|>` placeholder already in place). Every row
 is checked when the data is read, before any training step: an unreadable or empty file, missing columns, a
 side with neither text nor image, a placeholder without an image or a missing image file raises InputError
-naming the file and row. Several datasets are pooled and shuffled together (mixed in proportion to size).
+naming the file and row. Several datasets are read together; DistinctTargetSampler makes each batch from
+one dataset and uses every row once per epoch, so the mix of rows follows dataset sizes.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class TrainData:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def dataset_names(self) -> list[str]:
+        """Per example, the dataset it came from (examples are stored dataset by dataset)."""
+        return [name for name, count in self.datasets.items() for _ in range(count)]
 
 
 def list_train_datasets(data_dir: str | os.PathLike, split: str = "original") -> list[str]:
@@ -164,62 +169,136 @@ class _RowReader:
             raise InputError(f"{where}: the {side}: {e}") from None
 
 
+@dataclass(frozen=True)
+class DatasetPlan:
+    """How the sampler cuts one dataset into batches: the same sizes every epoch, only the rows change."""
+
+    name: str
+    rows: int
+    batches: int
+    distinct_targets: int
+    largest_target: int  # rows sharing the most frequent target
+    batch_size: int  # the batch size asked for
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """The smallest and largest batch (they differ by at most one)."""
+        return self.rows // self.batches, -(-self.rows // self.batches)
+
+    @property
+    def sizes_text(self) -> str:
+        low, high = self.sizes
+        return f"{low}" if low == high else f"{low}-{high}"
+
+    @property
+    def limited(self) -> bool:
+        """True when its targets, not the batch size, bound its batches (few labels or a dominant one)."""
+        return self.batches > -(-self.rows // self.batch_size)
+
+    def describe(self, total_rows: int, total_batches: int) -> str:
+        return (
+            f"{self.name} {self.rows} rows ({100 * self.rows / total_rows:.1f}%) in {self.batches} batches of "
+            f"{self.sizes_text} ({100 * self.batches / total_batches:.1f}% of steps)"
+        )
+
+
+@dataclass(frozen=True)
+class _Part:
+    plan: DatasetPlan
+    rows: np.ndarray  # example indices of the dataset
+    codes: np.ndarray  # per row, its target's number in [0, distinct_targets)
+
+
 class DistinctTargetSampler:
-    """Shuffled batches of example indices in which no target occurs twice.
+    """Batches of example indices: each batch from one dataset, no target twice in a batch, every example
+    once per epoch.
 
     A repeated target in one batch would be scored as its own negative (a false negative); classification
-    sets with few labels make that common. Each epoch is a fixed function of (seed, epoch), so a position
-    (epoch, batch index) is all a checkpoint needs. Examples that do not fit an epoch's batches (a repeated
-    target near the end) wait for the next epoch's shuffle.
+    sets with few labels make that common. So, as VLM2Vec does, a batch never mixes datasets, and a dataset
+    of n rows whose most frequent target is on c of them is cut each epoch into m = max(ceil(n / batch_size),
+    c) batches: its rows grouped by target (groups and rows in a fresh random order), row j of that sequence
+    to batch j mod m. No batch holds a target twice, and batch sizes differ by at most one (never above
+    batch_size). A dataset with fewer distinct targets than the batch size, or with one dominant target,
+    therefore gets smaller batches and more of them (two balanced labels: two rows a batch).
+
+    The datasets' batches are interleaved by progress: each gets a random point inside its own 1/m-th of its
+    dataset's epoch, and the epoch runs through those points in order. At any moment every dataset has given
+    about the same fraction of its rows, so the mix of rows follows dataset sizes. Steps do not: a dataset
+    cut into small batches takes more of them (`plans` says how many; the trainer logs it every epoch).
+
+    Each epoch is a fixed function of (seed, epoch), so a position (epoch, batch index) is all a checkpoint
+    needs. min_batch: the smallest batch allowed (the number of ranks: each needs a row); a dataset whose
+    targets force smaller batches is an InputError naming it.
     """
 
-    def __init__(self, targets: Sequence[Key], batch_size: int, *, seed: int = 0):
+    def __init__(
+        self,
+        targets: Sequence[Key],
+        batch_size: int,
+        *,
+        datasets: Sequence[str] | None = None,
+        seed: int = 0,
+        min_batch: int = 1,
+    ):
         if batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
+        if not len(targets):
+            raise InputError("no training examples")
+        names = list(datasets) if datasets is not None else ["data"] * len(targets)
+        if len(names) != len(targets):
+            raise ValueError(f"{len(names)} dataset names for {len(targets)} targets")
         codes: dict[Key, int] = {}
-        self.codes = np.array([codes.setdefault(t, len(codes)) for t in targets], dtype=np.int64)
-        if len(codes) < batch_size:
-            raise InputError(
-                f"batch size {batch_size} is larger than the number of distinct targets in the data "
-                f"({len(codes)}): every batch would hold a false negative; lower the batch size or add datasets"
-            )
+        target_codes = np.array([codes.setdefault(t, len(codes)) for t in targets], dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed
+        self._parts: list[_Part] = []
+        order: dict[str, int] = {}  # datasets in order of first appearance
+        dataset_codes = np.array([order.setdefault(n, len(order)) for n in names], dtype=np.int64)
+        for name, d in order.items():
+            rows = np.flatnonzero(dataset_codes == d)
+            _, dense, counts = np.unique(target_codes[rows], return_inverse=True, return_counts=True)
+            n, largest = len(rows), int(counts.max())
+            plan = DatasetPlan(name, n, max(-(-n // batch_size), largest), len(counts), largest, batch_size)
+            if plan.sizes[0] < min_batch:
+                raise InputError(
+                    f"dataset {name!r}: its {n} rows need {plan.batches} batches to keep equal targets apart "
+                    f"({len(counts)} distinct targets, the most frequent on {largest} rows), so some batches "
+                    f"hold only {plan.sizes[0]} row(s): fewer than the {min_batch} ranks, each of which needs one; "
+                    f"leave the dataset out or use fewer ranks"
+                )
+            self._parts.append(_Part(plan, rows, dense.astype(np.int64)))
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
+    @property
+    def plans(self) -> list[DatasetPlan]:
+        """Per dataset: rows, batches per epoch and their sizes."""
+        return [p.plan for p in self._parts]
+
+    def describe(self) -> str:
+        """One line: each dataset's share of an epoch's rows and steps."""
+        rows = sum(p.rows for p in self.plans)
+        steps = sum(p.batches for p in self.plans)
+        return "; ".join(p.describe(rows, steps) for p in self.plans)
+
     def epoch(self, epoch: int) -> list[np.ndarray]:
-        """The batches of one epoch: arrays of batch_size example indices, targets distinct within each."""
+        """The batches of one epoch: arrays of example indices, one dataset and distinct targets in each."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.codes))
+        rng = np.random.default_rng([self.seed, epoch])
         batches: list[np.ndarray] = []
-        deferred: list[int] = []
-        stream = iter(order.tolist())
-        while True:
-            batch: list[int] = []
-            seen: set[int] = set()
-            skipped: list[int] = []
-            for i in deferred:  # what waited from earlier batches goes first
-                if len(batch) < self.batch_size and self.codes[i] not in seen:
-                    batch.append(i)
-                    seen.add(self.codes[i])
-                else:
-                    skipped.append(i)
-            while len(batch) < self.batch_size:
-                i = next(stream, None)
-                if i is None:
-                    break
-                if self.codes[i] in seen:
-                    skipped.append(i)
-                else:
-                    batch.append(i)
-                    seen.add(self.codes[i])
-            deferred = skipped
-            if len(batch) < self.batch_size:
-                break
-            batches.append(np.array(batch, dtype=np.int64))
-        if not batches:
-            raise InputError("the data does not fill one batch of distinct targets")
+        points: list[np.ndarray] = []
+        for part in self._parts:
+            m = part.plan.batches
+            shuffled = rng.permutation(len(part.rows))
+            group_order = rng.permutation(part.plan.distinct_targets)
+            # Rows grouped by target; a group has at most m rows, so j -> j mod m puts each in another batch.
+            sequence = part.rows[shuffled[np.argsort(group_order[part.codes[shuffled]], kind="stable")]]
+            for k in range(m):
+                batch = sequence[k::m]
+                batches.append(batch[rng.permutation(len(batch))])
+            points.append((rng.permutation(m) + rng.random(m)) / m)
+        order = np.argsort(np.concatenate(points), kind="stable")
+        batches = [batches[i] for i in order]
         self._cache = (epoch, batches)
         return batches
 

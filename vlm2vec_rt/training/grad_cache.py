@@ -20,21 +20,9 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..errors import InputError
-from . import distributed
-
-
-class RngState:
-    """The CPU and (when initialised) every CUDA device's RNG state, to replay a chunk's dropout masks."""
-
-    def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+from .rng import rng_state, set_rng_state
 
 
 def contrastive_loss(
@@ -108,14 +96,14 @@ def grad_cache_step(
     sides = [_chunks(queries, chunk_size), _chunks(targets, chunk_size), _chunks(negatives, chunk_size)]
 
     # Pass 1: representations without a graph, and the RNG state each chunk started from.
-    states: list[list[RngState]] = [[], [], []]
+    states: list[list[dict[str, Any]]] = [[], [], []]
     cached: list[list[torch.Tensor]] = [[], [], []]
     with torch.no_grad():
         for side, chunks in enumerate(sides):
             for chunk in chunks:
-                states[side].append(RngState())
+                states[side].append(rng_state())
                 cached[side].append(encode(chunk).detach())
-    after_pass_1 = RngState()
+    after_pass_1 = rng_state()
 
     # Pass 2: the loss on the cached representations, in fp32 and outside any autocast region.
     reps = [torch.cat(c, dim=0).float().requires_grad_() if c else None for c in cached]
@@ -138,8 +126,8 @@ def grad_cache_step(
         last = k == len(work) - 1
         sync = contextlib.nullcontext() if (no_sync is None or last) else no_sync()
         with sync:
-            state.restore()
+            set_rng_state(state)
             out = encode(chunk)
             out.backward(grad.to(out.dtype))
-    after_pass_1.restore()
+    set_rng_state(after_pass_1)
     return loss_value

@@ -6,7 +6,8 @@ ranks inside the loss. AdamW with linear warm-up and linear decay, gradient clip
 the encoder on GPUs. Checkpoints every `checkpoint_every` steps; `resume=True` continues from the newest
 one so that the run reaches the same parameters as an uninterrupted one.
 
-    out/train_config.json      the settings (a resumed run must match them)
+    out/train_config.json      the settings (a resumed run must match them); written just before the first
+                               step, so a run that fails to start leaves nothing behind
     out/train_log.jsonl        one line per step: loss, learning rate, throughput
     out/checkpoints/step-N/    see checkpoint.py
     out/adapter/               the final peft adapter (LoRA/DoRA), or out/model/ (full fine-tuning)
@@ -15,7 +16,6 @@ one so that the run reaches the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -25,19 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from .. import atomic
+from .. import atomic, distributed
 from ..errors import InputError
 from ..models.backbones import Backbone, load_backbone
 from ..preprocess.items import Item
 from ..progress import progress_bar
 from . import checkpoint as ckpt
-from . import distributed
 from .data import DistinctTargetSampler, Example, read_train_data
 from .grad_cache import grad_cache_step
 from .lora import add_adapter, load_trainable_state, set_full_finetune, trainable_state
+from .rng import rng_state, set_rng_state
 
 log = logging.getLogger("vlm2vec_rt.training")
 
@@ -61,7 +62,7 @@ class TrainConfig:
     dora: bool = False
     full_finetune: bool = False
     train_vision: bool = False
-    batch_size: int = 64  # global: over all ranks
+    batch_size: int = 64  # global: over all ranks (a dataset with few distinct targets gets smaller batches)
     gc_chunk: int = 4
     steps: int = 100
     temperature: float = 0.02
@@ -82,8 +83,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise InputError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if self.batch_size % world:
-            raise InputError(f"batch size {self.batch_size} is not divisible by the {world} ranks")
+        if self.batch_size < world:
+            raise InputError(f"batch size {self.batch_size} is smaller than the {world} ranks")
         if self.lr <= 0 or self.temperature <= 0:
             raise InputError("learning rate and temperature must be > 0")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
@@ -166,17 +167,10 @@ def train(
     cfg = TrainConfig(
         model_dir=os.fspath(model_dir), data_dir=os.fspath(data_dir), out_dir=os.fspath(out_dir), **settings
     )
-    from ..eval.distributed import init_from_env
-
-    joined_here = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized()
-    cfg.device = init_from_env(cfg.device)
-    result = _train(cfg, resume=resume, progress=progress, callback=callback)
-    if joined_here:
-        # Leave the job as we found it. Only now: the DDP wrapper (which holds the group) went with _train's
-        # frame, and _save_final's barrier means no rank is still inside a collective.
-        gc.collect()
-        torch.distributed.destroy_process_group()
-    return result
+    # Under torchrun: join the job, and leave it as we found it once _train's frame (and the DDP wrapper
+    # holding the group) is gone.
+    with distributed.joined(cfg.device) as cfg.device:
+        return _train(cfg, resume=resume, progress=progress, callback=callback)
 
 
 def _train(cfg: TrainConfig, *, resume: bool, progress: bool, callback) -> Path:
@@ -184,13 +178,25 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, callback) -> Path:
     cfg.check(world)
     # Data first: a bad row stops the run before anything is loaded or written.
     data = read_train_data(cfg.data_dir, datasets=cfg.datasets, split=cfg.split, image_root=cfg.image_root)
-    sampler = DistinctTargetSampler([e.target for e in data.examples], cfg.batch_size, seed=cfg.seed)
-    log.info("training data: %d examples from %s", len(data), data.datasets)
+    sampler = DistinctTargetSampler(
+        [e.target for e in data.examples],
+        cfg.batch_size,
+        datasets=data.dataset_names(),
+        seed=cfg.seed,
+        min_batch=world,
+    )
+    if rank == 0:
+        log.info("training data: %d examples from %s", len(data), data.datasets)
+        for plan in sampler.plans:
+            if plan.limited:
+                log.warning(
+                    "dataset %s: batches of %s rows, not %d: it has %d distinct targets, the most frequent on "
+                    "%d of its %d rows (a target twice in a batch would be a false negative)",
+                    plan.name, plan.sizes_text, cfg.batch_size, plan.distinct_targets, plan.largest_target,
+                    plan.rows,
+                )  # fmt: skip
     out = Path(cfg.out_dir)
-    if not _check_out_dir(out, cfg, resume=resume):
-        distributed.barrier()  # every rank has looked before rank 0 writes
-        if rank == 0:
-            atomic.write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
+    continuing = _check_out_dir(out, cfg, resume=resume)  # nothing is written until the first step can run
 
     backbone, peft_model = _load_model(cfg)
     module: nn.Module = EmbeddingModel(backbone)
@@ -218,19 +224,27 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, callback) -> Path:
         scheduler.load_state_dict(state.scheduler)
         if len(state.rng) != world:
             raise InputError(f"{last}: written by {len(state.rng)} ranks, resumed with {world}")
-        ckpt.set_rng_state(state.rng[rank])
+        set_rng_state(state.rng[rank])
         step, epoch, batch_index = state.step, state.epoch, state.batch_index
         log.info("resumed from %s (step %d)", last, step)
     elif resume:
         log.info("no checkpoint in %s: starting from step 0", out)
+    if rank == 0 and not continuing:
+        # A fresh run: its settings, and a log of its own (a leftover of a run that never checkpointed goes).
+        atomic.write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
+        atomic.write_bytes(out / LOG_FILE, b"")
 
-    local = cfg.batch_size // world
     bar = progress_bar(cfg.steps, initial=step, enabled=progress and rank == 0, desc="train", unit="step")
     backbone.model.train()  # dropout (LoRA dropout included) on
     loss = float("nan")
+    logged_epoch = None
     while step < cfg.steps:
         indices, epoch, batch_index = sampler.batch_at(epoch, batch_index)
-        examples = [data.examples[i] for i in indices[rank * local : (rank + 1) * local]]
+        if rank == 0 and epoch != logged_epoch:  # each dataset's share of the epoch's rows and steps
+            log.info("epoch %d: %s", epoch, sampler.describe())
+            logged_epoch = epoch
+        # Each rank its share (the sampler guarantees one row or more per rank).
+        examples = [data.examples[i] for i in np.array_split(indices, world)[rank]]
         queries, targets, negatives = _sides(examples)
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -250,7 +264,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, callback) -> Path:
         scheduler.step()
         step += 1
         seconds = time.perf_counter() - started
-        metrics = {"loss": loss, "lr": lr, "examples_per_s": cfg.batch_size / seconds}
+        metrics = {"loss": loss, "lr": lr, "examples_per_s": len(indices) / seconds}
         if rank == 0:
             _log_step(out, step, metrics, info=step % cfg.log_every == 0 or step == cfg.steps)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{metrics['examples_per_s']:.1f}")
@@ -298,24 +312,35 @@ def _load_model(cfg: TrainConfig) -> tuple[Backbone, nn.Module | None]:
 
 
 def _check_out_dir(out: Path, cfg: TrainConfig, *, resume: bool) -> bool:
-    """True when out holds a run this one may continue; InputError when it holds one it must not touch."""
-    saved = out / CONFIG_FILE
-    if resume and saved.is_file():
-        try:
-            before = json.loads(saved.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{saved}: not valid JSON ({e})") from None
-        now = dataclasses.asdict(cfg)
-        changed = [k for k in EXACT_RESUME_KEYS if before.get(k) != now.get(k)]
-        if changed:
-            detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-            raise InputError(f"cannot resume the run in {os.fspath(out)!r} with other settings ({detail})")
-        return True
-    if saved.exists() or ckpt.list_checkpoints(out):
+    """True when out holds a run to continue (resume=True, same settings); False when this run starts afresh;
+    InputError when out holds a run this one must not touch.
+
+    A run is its checkpoints or its final adapter/model. A train_config.json (and log) alone is what a run
+    left that stopped before its first checkpoint: there is nothing to continue, and a new run replaces it.
+    """
+    held = ckpt.list_checkpoints(out) or any((out / name).exists() for name in ("adapter", "model"))
+    if not held:
+        return False
+    if not resume:
         raise InputError(
             f"{os.fspath(out)!r} already holds a training run: pass --resume to continue it, or choose a new --out"
         )
-    return False
+    saved = out / CONFIG_FILE
+    try:
+        before = json.loads(saved.read_text())
+    except FileNotFoundError:
+        raise InputError(
+            f"{os.fspath(out)!r} holds a training run but no {CONFIG_FILE}: its settings are unknown, so it "
+            f"cannot be resumed; choose a new --out"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{saved}: not valid JSON ({e})") from None
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in EXACT_RESUME_KEYS if before.get(k) != now.get(k)]
+    if changed:
+        detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise InputError(f"cannot resume the run in {os.fspath(out)!r} with other settings ({detail})")
+    return True
 
 
 def _log_step(out: Path, step: int, metrics: dict[str, float], *, info: bool) -> None:
@@ -332,7 +357,7 @@ def _log_step(out: Path, step: int, metrics: dict[str, float], *, info: bool) ->
 
 
 def _save(out, cfg, step, backbone, peft_model, optimizer, scheduler, epoch, batch_index, loss, rank) -> None:
-    rng = ckpt.rng_state()
+    rng = rng_state()
     if distributed.world_size() > 1:
         import torch.distributed as dist
 
