@@ -1,11 +1,14 @@
 """Kernel benchmarks: top-k similarity search on CPU, and the Triton kernels against eager torch on a GPU.
 
-CPU (any machine): ops.topk_similarity's torch path (chunked matmul + running top-k merge) against the naive
-torch.mm + torch.topk over the full score matrix and against faiss-cpu IndexFlatIP, on the same data
-(D = 768, k = 10 and 100; default Q = 256/1024 x N = 100k and Q = 256 x N = 1M, --full: Q = 256, 1024, 4096
-x N = 100k, 1M). Results are checked against each other before timing; methods alternate (A B C A B C) over
-two query sets. Peak memory: each method in a fresh subprocess on the N = 1M corpus, the RSS high-water
-mark (VmHWM, reset after the data is built) minus the resident size before the search.
+CPU (any machine): ops.topk_similarity's torch path (chunked matmul + filtered running top-k) against the
+naive torch.mm + torch.topk over the full score matrix and against faiss-cpu IndexFlatIP, on the same data
+(D = 768, k = 10 and 100; default Q = 256, 1024, 4096 x N = 100k and Q = 256, 1024 x N = 1M, about 4 minutes
+on a quiet 2-core machine; --full: Q = 256, 1024, 4096 x N = 100k, 1M). Every result is checked before
+timing against faiss's by the true fp64 scores (check_topk: a differing index must be a tie); methods
+alternate (A B C A B C) over two query sets; on the cheaper shapes the chunked path's products alone are
+timed too, so the share its selection takes is known. Peak memory: each method in a fresh subprocess on the
+N = 1M corpus, the RSS high-water mark (VmHWM, reset after the data is built) minus the resident size
+before the search.
 
 GPU (--gpu; bench/gpu_check.sh runs it on a lent H100/H200): both kernels against the torch reference in
 fp32/fp16/bf16, then InfoNCE forward+backward (bf16, B = 1024..8192, D = 1536 and 4096) against eager
@@ -67,24 +70,66 @@ def _naive_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int):
     return torch.topk(queries @ corpus.t(), k, dim=1)
 
 
-def _check_against(ref_scores, ref_idx, scores, idx) -> dict[str, float]:
-    """Score lists must agree within fp32 rounding; indices may differ only where scores tie that closely."""
-    scores, ref_scores = np.asarray(scores, np.float64), np.asarray(ref_scores, np.float64)
-    diff = float(np.abs(scores - ref_scores).max())
+def _products_only(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> None:
+    """The chunked path's matrix products alone, no selection: what its selection adds is the difference."""
+    chunk = ops.default_topk_chunk(queries.shape[0], corpus.shape[0], k)
+    for start in range(0, corpus.shape[0], chunk):
+        ops._inner_products(queries, corpus[start : start + chunk])
+
+
+def _true_scores(queries: torch.Tensor, corpus: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """corpus[idx[i, j]] . queries[i] in fp64 [Q, k], a few queries at a time (never a Q x k x D copy)."""
+    out = torch.empty(idx.shape, dtype=torch.float64)
+    for r0 in range(0, idx.shape[0], 64):
+        rows = corpus[idx[r0 : r0 + 64]].double()  # [64, k, D]
+        out[r0 : r0 + 64] = torch.einsum("qkd,qd->qk", rows, queries[r0 : r0 + 64].double())
+    return out
+
+
+def check_topk(queries, corpus, ref_scores, ref_idx, scores, idx) -> dict[str, Any]:
+    """A top-k result against a reference one (faiss) on the same data, judged by the true scores (fp64).
+
+    Right means: indices in range and distinct per query, scores sorted descending, each returned score the
+    true inner product of its returned index, and wherever the returned index differs from the reference's
+    at the same rank, the two true scores tie (within fp32 rounding). A wrong index fails even when the
+    score lists agree; an index agreement figure alone would not say so.
+    """
+    scores, idx = torch.as_tensor(scores), torch.as_tensor(idx)
+    ref_scores, ref_idx = torch.as_tensor(ref_scores), torch.as_tensor(ref_idx)
+    n = corpus.shape[0]
+    in_range = bool(((idx >= 0) & (idx < n)).all())
+    safe_idx = idx.clamp(0, n - 1)
+    true = _true_scores(queries, corpus, safe_idx)
+    true_ref = _true_scores(queries, corpus, ref_idx)
+    tol = 1e-5 * max(1.0, float(true_ref.abs().max()))  # about 10x the fp32 rounding of a D=768 product
+    differ = idx != ref_idx
+    score_err = float((scores.double() - true).abs().max())
+    tie_gap = float((true - true_ref).abs()[differ].max()) if bool(differ.any()) else 0.0
+    distinct = bool((safe_idx.sort(dim=1).values.diff(dim=1) != 0).all())
+    ordered = bool((scores[:, :-1] >= scores[:, 1:]).all())
     return {
-        "max_abs_score_diff": diff,
-        "index_agreement": float((np.asarray(idx) == np.asarray(ref_idx)).mean()),
-        "ok": bool(diff < 1e-3 * max(1.0, float(np.abs(ref_scores).max()))),
+        "max_abs_score_error": score_err,
+        "max_abs_score_diff_vs_reference": float((scores.double() - ref_scores.double()).abs().max()),
+        "index_agreement": float((~differ).double().mean()),
+        "max_true_gap_where_indices_differ": tie_gap,
+        "tolerance": tol,
+        "in_range": in_range,
+        "distinct": distinct,
+        "sorted": ordered,
+        "ok": in_range and distinct and ordered and score_err <= tol and tie_gap <= tol,
     }
 
 
-def cpu_topk(*, full: bool, repeats: int | None, naive_limit_gb: float) -> list[dict[str, Any]]:
+# (Q, N): the default covers the target's range of Q at N = 100k and of N at Q = 256 and 1024
+DEFAULT_SWEEP = [(256, 100_000), (1024, 100_000), (4096, 100_000), (256, 1_000_000), (1024, 1_000_000)]
+FULL_SWEEP = [(q, n) for n in (100_000, 1_000_000) for q in (256, 1024, 4096)]
+
+
+def cpu_topk(
+    *, full: bool, repeats: int | None, naive_limit_gb: float, shapes: list[tuple[int, int]] | None = None
+) -> list[dict[str, Any]]:
     """Time chunked / naive / faiss top-k on each (Q, N, k) of the sweep; every row checked first."""
-    sweep = (
-        [(q, n) for n in (100_000, 1_000_000) for q in (256, 1024, 4096)]
-        if full
-        else [(256, 100_000), (1024, 100_000), (256, 1_000_000)]
-    )
+    sweep = shapes or (FULL_SWEEP if full else DEFAULT_SWEEP)
     rows = []
     for n in sorted({n for _, n in sweep}):
         corpus, index = _corpus_and_index(n, D_CPU, seed=n)
@@ -93,18 +138,24 @@ def cpu_topk(*, full: bool, repeats: int | None, naive_limit_gb: float) -> list[
             query_sets = [torch.randn(q, D_CPU, generator=gen) for _ in range(2)]
             for k in KS:
                 rows.append(_time_topk_config(corpus, index, query_sets, k, repeats, naive_limit_gb))
-                print(json.dumps({key: rows[-1][key] for key in ("q", "n", "k", "median_ms", "speedup")}))
+                print(
+                    json.dumps({key: rows[-1][key] for key in ("q", "n", "k", "median_ms", "speedup", "ok")}),
+                    flush=True,
+                )
         del corpus, index
     return rows
 
 
 def _time_topk_config(corpus, index, query_sets, k, repeats, naive_limit_gb) -> dict[str, Any]:
     n, q = corpus.shape[0], query_sets[0].shape[0]
+    gflop = 2 * q * n * corpus.shape[1] / 1e9
     naive_ok = q * n * 4 <= naive_limit_gb * 1e9
-    ref = index.search(query_sets[0].numpy(), k)
-    checks = {"chunked": _check_against(*ref, *ops.topk_similarity_torch(query_sets[0], corpus, k))}
+    # the checks are also each method's first (warm-up) call
+    queries = query_sets[0]
+    ref = index.search(queries.numpy(), k)
+    checks = {"chunked": check_topk(queries, corpus, *ref, *ops.topk_similarity_torch(queries, corpus, k))}
     if naive_ok:
-        checks["naive"] = _check_against(*ref, *_naive_topk(query_sets[0], corpus, k))
+        checks["naive"] = check_topk(queries, corpus, *ref, *_naive_topk(queries, corpus, k))
 
     next_queries = _cycle(query_sets)
     fns = {
@@ -113,24 +164,33 @@ def _time_topk_config(corpus, index, query_sets, k, repeats, naive_limit_gb) -> 
     }
     if naive_ok:
         fns["naive"] = lambda: _naive_topk(next_queries(), corpus, k)
-    reps = repeats or (5 if n <= 100_000 else 3)
-    times = ab_times(fns, repeats=reps, warmup=1)
+    if gflop <= 200:  # where the time goes, on the cheaper shapes
+        fns["chunked_products_only"] = lambda: _products_only(next_queries(), corpus, k)
+    reps = repeats or (5 if gflop <= 100 else 3 if gflop <= 500 else 2)
+    times = ab_times(fns, repeats=reps, warmup=1 if gflop <= 200 else 0)
     med = {name: stats(t)["median_ms"] for name, t in times.items()}
-    return {
+    row = {
         "q": q,
         "n": n,
         "d": corpus.shape[1],
         "k": k,
+        "gflop": gflop,
         "chunk_size": ops.default_topk_chunk(q, n, k),
+        "products": "oneDNN" if ops._onednn_usable() else "torch.mm",
         "checks": checks,
+        "ok": all(c["ok"] for c in checks.values()),
         "times": {name: stats(t) for name, t in times.items()},
         "median_ms": med,
         # > 1: the chunked torch path is faster
-        "speedup": {f"vs_{b}": med[b] / med["chunked"] for b in med if b != "chunked"},
+        "speedup": {f"vs_{b}": med[b] / med["chunked"] for b in ("faiss", "naive") if b in med},
+        "chunked_gflops": gflop / med["chunked"] * 1e3,
         "naive": "timed"
         if naive_ok
-        else f"skipped: its {q * n * 4 / 1e9:.0f} GB score matrix > --naive-limit-gb",
+        else f"skipped: its {q * n * 4 / 1e9:.1f} GB score matrix > --naive-limit-gb",
     }
+    if "chunked_products_only" in med:
+        row["selection_share_of_chunked"] = 1 - med["chunked_products_only"] / med["chunked"]
+    return row
 
 
 def _rss_kb(field: str) -> int:
@@ -191,8 +251,17 @@ def plot_cpu(rows: list[dict[str, Any]], memory: list[dict[str, Any]], out_dir) 
     for i, method in enumerate(("chunked", "faiss", "naive")):
         vals = [r["median_ms"].get(method, np.nan) for r in rows]
         ax_t.bar(x + (i - 1) * 0.27, vals, 0.27, label=method)
+    for xi, r in zip(x, rows):  # the target: chunked no slower than faiss
+        ax_t.annotate(
+            f"{r['speedup']['vs_faiss']:.2f}x",
+            (xi - 0.27, r["median_ms"]["chunked"]),
+            ha="center",
+            va="bottom",
+            fontsize=6,
+            color="red" if not r["ok"] else "black",
+        )
     ax_t.set_xticks(x, labels, fontsize=7)
-    ax_t.set_ylabel("median ms per search")
+    ax_t.set_ylabel("median ms per search (label: faiss / chunked)")
     ax_t.set_yscale("log")
     ax_t.set_title(f"top-k inner product, D={D_CPU}, CPU ({os.cpu_count()} cores)")
     ax_t.legend()
@@ -212,11 +281,16 @@ def main(
     *,
     full: bool = False,
     repeats: int | None = None,
-    naive_limit_gb: float = 6.0,
+    naive_limit_gb: float | None = None,
     memory: bool = True,
+    shapes: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """CPU top-k benchmark (and, where CUDA is present, the GPU check too): writes kernels.json + kernels.png."""
-    rows = cpu_topk(full=full, repeats=repeats, naive_limit_gb=naive_limit_gb)
+    start, load_before = time.monotonic(), os.getloadavg()
+    # the naive path's full score matrix: up to 2 GB by default (its 4 GB at Q=1024, N=1M would take a
+    # minute of the 5-minute default run), 6 GB with --full
+    naive_limit_gb = naive_limit_gb or (6.0 if full else 2.0)
+    rows = cpu_topk(full=full, repeats=repeats, naive_limit_gb=naive_limit_gb, shapes=shapes)
     mem_configs = [(256, 1_000_000, 100)] + ([(1024, 1_000_000, 100)] if full else [])
     mem = cpu_memory(mem_configs) if memory else []
     results: dict[str, Any] = {
@@ -224,6 +298,7 @@ def main(
             "d": D_CPU,
             "ks": list(KS),
             "full": full,
+            "shapes": [list(shape) for shape in shapes or (FULL_SWEEP if full else DEFAULT_SWEEP)],
             "repeats": repeats,
             "naive_limit_gb": naive_limit_gb,
         },
@@ -234,18 +309,51 @@ def main(
             )
             if mem
             else None,
-            "all checks passed": all(c["ok"] for r in rows for c in r["checks"].values()),
+            "all checks passed": all(r["ok"] for r in rows),
         },
+        "failures": [
+            f"{method} top-k Q={r['q']} N={r['n']} k={r['k']}: wrong result ({json.dumps(c)})"
+            for r in rows
+            for method, c in r["checks"].items()
+            if not c["ok"]
+        ],
         "cpu_topk": rows,
         "cpu_memory": mem,
-        "notes": "Machine shared while measured: figures are medians of A/B-alternated runs; working memory "
-        "is the RSS high-water mark above the resident data (corpus, queries, faiss index).",
+        "wall_s": time.monotonic() - start,
+        # the machine may be shared: its load around the run says how far to trust the figures
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "notes": "Figures are medians of A/B-alternated runs over two query sets; working memory is the RSS "
+        "high-water mark above the resident data (corpus, queries, faiss index).",
     }
     if torch.cuda.is_available():
         results["gpu"] = gpu_check(out_dir or Path(__file__).resolve().parent / "results", tiny=False)
     write_results("kernels", results, out_dir)
     plot_cpu(rows, mem, out_dir)
+    for line in summary(results):
+        print(line)
     return results
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """Headline lines for `vlm2vec-rt bench`'s SUMMARY.md."""
+    lines = []
+    for r in results["cpu_topk"]:
+        med, speed = r["median_ms"], r["speedup"]
+        line = (
+            f"top-k Q={r['q']} N={r['n']:,} k={r['k']}: chunked {med['chunked']:.0f} ms, faiss {med['faiss']:.0f} ms "
+            f"({speed['vs_faiss']:.2f}x faiss)"
+        )
+        if "vs_naive" in speed:
+            line += f", naive {med['naive']:.0f} ms ({speed['vs_naive']:.2f}x naive)"
+        lines.append(line + ("" if r["ok"] else " WRONG RESULT"))
+    for m in results["cpu_memory"]:
+        lines.append(
+            f"top-k working memory Q={m['q']} N={m['n']:,} k={m['k']}: chunked {m['chunked']['working_mb']:.0f} MB, "
+            f"naive {m['naive']['working_mb']:.0f} MB ({m['working_ratio_chunked_vs_naive']:.2f}x)"
+        )
+    lines.append(f"targets: {json.dumps(results['targets'])}")
+    return lines
 
 
 # ---- GPU: both kernels against eager --------------------------------------------------------------------
@@ -320,13 +428,18 @@ def gpu_check_topk(device: str, tiny: bool) -> list[dict[str, Any]]:
         for variant, stride in (("default", None), ("single_pass", 1), ("two_pass", 4)):
             scores, idx = topk_kernel.topk_similarity(queries, corpus, k, sample_stride=stride)
             written = bool(torch.isfinite(scores).all() and (idx >= 0).all() and (idx < n).all())
+            true = full.gather(1, idx.clamp(0, n - 1))
             diff = float((scores - ref_scores).abs().max())
-            consistent = float((full.gather(1, idx) - scores).abs().max())
+            consistent = float((true - scores).abs().max())
+            # a different index at some rank must be a tie in the full matrix, not merely a close score list
+            differ = idx != ref_idx
+            tie_gap = float((true - ref_scores).abs()[differ].max()) if bool(differ.any()) else 0.0
             out.append({
                 "op": "topk_similarity", "variant": variant, "dtype": str(dtype),
                 "q": nq, "n": n, "d": d, "k": k,
-                "max_abs_score_diff": diff, "index_agreement": float((idx == ref_idx).float().mean()),
-                "ok": written and max(diff, consistent) < 1e-3 * float(ref_scores.abs().max()),
+                "max_abs_score_diff": diff, "index_agreement": float((~differ).float().mean()),
+                "max_gap_where_indices_differ": tie_gap,
+                "ok": written and max(diff, consistent, tie_gap) < 1e-3 * float(ref_scores.abs().max()),
             })  # fmt: skip
     return out
 
@@ -576,9 +689,17 @@ if __name__ == "__main__":
     ap.add_argument("--full", action="store_true", help="the whole CPU sweep (Q up to 4096, N up to 1M)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument(
-        "--naive-limit-gb", type=float, default=6.0, help="skip naive runs whose Q x N scores exceed this"
+        "--naive-limit-gb",
+        type=float,
+        default=None,
+        help="skip naive runs whose Q x N scores exceed this (default 2, with --full 6)",
     )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument(
+        "--shapes",
+        type=lambda text: [tuple(int(x) for x in shape.split("x")) for shape in text.split(",")],
+        help="CPU top-k shapes QxN[,QxN...] instead of the sweep (e.g. 256x100000)",
+    )
     ap.add_argument("--gpu", action="store_true", help="the GPU check (bench/gpu_check.sh)")
     ap.add_argument("--tiny", action="store_true", help="with --gpu: tiny sizes, for a CPU dry run")
     ap.add_argument("--only", choices=["info_nce", "topk"], help="with --gpu: one kernel's sections only")
@@ -596,4 +717,5 @@ if __name__ == "__main__":
             repeats=args.repeats,
             naive_limit_gb=args.naive_limit_gb,
             memory=not args.no_memory,
+            shapes=args.shapes,
         )

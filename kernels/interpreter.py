@@ -7,8 +7,9 @@ helpers). In a process that imported triton before TRITON_INTERPRET was set, an 
 tl.max fails with "Cannot call @triton.jit'd outside of the scope of a kernel". `use_interpreter()` fixes
 that state: it sets the variable, re-decorates the standard library in interpreted mode, and reloads our
 kernel modules if they were decorated in compiled mode. It only ever runs where the interpreter is wanted
-(CPU tensors with backend="triton"); it is one-way for the process, so a process that launches compiled
-kernels on a GPU should not also ask for the interpreter.
+(CPU tensors with backend="triton"); on its own it is one-way for the process, so a process that launches
+compiled kernels on a GPU should not also ask for the interpreter. `interpreter_mode()` is the reversible
+form, for tests: it puts back everything use_interpreter() replaced when its block ends.
 """
 
 from __future__ import annotations
@@ -47,8 +48,23 @@ def use_interpreter() -> None:
 
 @contextlib.contextmanager
 def interpreter_mode() -> Iterator[None]:
-    """use_interpreter() for a block (a test module, say); TRITON_INTERPRET is restored afterwards."""
+    """use_interpreter() for a block (a test module, say), undone on exit.
+
+    Everything use_interpreter() replaces is put back: TRITON_INTERPRET, triton.language's standard library
+    (the module and the names triton.language re-exports from it) and our kernel modules (their namespaces
+    restored in place, so functions imported from them see the original kernels again; a kernel module first
+    imported inside the block is forgotten, to be imported afresh in the mode of the day).
+    """
     before = os.environ.get("TRITON_INTERPRET")
+    import triton.language as tl  # imported (and decorated) in the mode the environment gives, not ours
+
+    tl_names = dict(vars(tl))
+    standard = dict(vars(tl.standard))
+    kernels = {
+        name: (sys.modules[name], dict(vars(sys.modules[name])))
+        for name in _KERNEL_MODULES
+        if name in sys.modules
+    }
     use_interpreter()
     try:
         yield
@@ -57,6 +73,27 @@ def interpreter_mode() -> Iterator[None]:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = before
+        _restore_namespace(tl.standard, standard)
+        for name, value in tl_names.items():
+            if getattr(tl, name, None) is not value:
+                setattr(tl, name, value)
+        for name in _KERNEL_MODULES:
+            if name in kernels:
+                module, namespace = kernels[name]
+                _restore_namespace(module, namespace)
+                sys.modules[name] = module
+            elif sys.modules.pop(name, None) is not None:
+                package, _, attr = name.rpartition(".")
+                if hasattr(sys.modules.get(package), attr):
+                    delattr(sys.modules[package], attr)
+
+
+def _restore_namespace(module: object, saved: dict) -> None:
+    """Put a module's globals back as they were (in place: its functions keep seeing them)."""
+    namespace = vars(module)
+    for name in [name for name in namespace if name not in saved]:
+        del namespace[name]
+    namespace.update(saved)
 
 
 def _interpreted(fn: object, jit_type: type, interpreted_type: type) -> bool:

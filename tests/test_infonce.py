@@ -189,6 +189,31 @@ def test_torch_reference_is_cross_entropy_and_gradchecks():
     assert torch.autograd.gradcheck(lambda a, b: ops.info_nce_torch(a, b, temperature=0.3), (q, t))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_autocast_does_not_lower_the_products(backend):
+    # bf16 autocast would round the cosines before 1 / temperature amplifies them (loss off by ~1e-3)
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(37, 100, generator=gen).to(DEVICE)
+    t = torch.randn(42, 100, generator=gen).to(DEVICE)
+    ref_loss, ref_dq, ref_dt = loss_and_grads(ops.info_nce, q, t, temperature=0.02, backend=backend)
+    qg, tg = q.clone().requires_grad_(), t.clone().requires_grad_()
+    with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
+        loss = ops.info_nce(qg, tg, temperature=0.02, backend=backend)
+    loss.backward()  # outside autocast, as torch's AMP recipe has it
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    assert rel_err(qg.grad, ref_dq) < 1e-6 and rel_err(tg.grad, ref_dt) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_backend_takes_float64_on_cuda():
+    gen = torch.Generator().manual_seed(19)
+    q = torch.randn(6, 5, generator=gen, dtype=torch.float64).to("cuda")
+    t = torch.randn(8, 5, generator=gen, dtype=torch.float64).to("cuda")
+    assert ops.info_nce(q, t) == ops.info_nce_torch(q, t)
+
+
 def test_auto_backend_on_cpu_is_torch():
     q, t = torch.randn(4, 8), torch.randn(6, 8)
     assert ops.info_nce(q, t) == ops.info_nce_torch(q, t)

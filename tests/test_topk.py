@@ -8,6 +8,7 @@ kernels/interpreter.py), with small tiles so that several tiles, splits and ragg
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -130,8 +131,10 @@ def test_kernel_bf16_on_gpu():
 
 # Q, N, D, k, corpus dtype, chunk_size
 TORCH_CASES = [
-    (37, 1000, 100, 10, torch.float32, 30),  # 34 chunks (merged 16 at a time), ragged last one
-    (37, 1000, 100, 100, torch.float32, 333),  # large k, chunks narrower than 64 k (the selection path)
+    (37, 1000, 100, 10, torch.float32, 30),  # 34 chunks, ragged last one, element filter (30 % 16 != 0)
+    (37, 1000, 100, 100, torch.float32, 333),  # large k: the filter keeps much, dense merges too
+    (37, 5003, 64, 10, torch.float32, 1024),  # the run filter from the second chunk, ragged last chunk
+    (29, 12000, 48, 100, torch.float32, None),  # default chunk: seed span, spans 4x wider, run filter
     (5, 77, 3, 1, torch.float32, None),
     (3, 50, 20, 50, torch.float32, 7),  # k = N, chunks smaller than k
     (20, 500, 64, 10, torch.float16, 128),
@@ -148,13 +151,95 @@ def test_torch_path_matches_full_topk(q, n, d, k, dtype, chunk_size):
     assert_same_topk(scores, idx, queries, corpus, k, tol=1e-4, cast_queries=False)
 
 
-def test_torch_path_when_every_chunk_beats_the_last():
-    # scores grow along the corpus: every chunk replaces the whole running list
+@pytest.fixture
+def filter_paths(monkeypatch):
+    """How often the torch path's running top-k took each of its three ways of taking in scores."""
+    calls = {"dense": 0, "runs": 0, "merge": 0}
+
+    def counting(name, method):
+        def wrapper(*args, **kw):
+            calls[name] += 1
+            return method(*args, **kw)
+
+        return wrapper
+
+    running = ops._RunningTopK
+    monkeypatch.setattr(running, "_merge_dense", counting("dense", running._merge_dense))
+    monkeypatch.setattr(running, "_passes_by_runs", counting("runs", running._passes_by_runs))
+    monkeypatch.setattr(running, "_merge", counting("merge", running._merge))
+    return calls
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_torch_path_filters_most_chunks(filter_paths, k):
+    """Random data: after the seed, chunks are filtered (by runs once the threshold is tight), not topk'd."""
+    queries, corpus = data(40, 20_011, 32, seed=k)
+    threads = torch.get_num_threads()
+    scores, idx = ops.topk_similarity(queries, corpus, k, backend="torch", chunk_size=2048)
+    assert_same_topk(scores, idx, queries, corpus, k, tol=1e-4, cast_queries=False)
+    assert filter_paths["runs"] >= 5
+    assert filter_paths["dense"] <= 3
+    assert torch.get_num_threads() == threads  # the bookkeeping's single thread is given back
+
+
+def test_torch_path_when_every_chunk_beats_the_last(filter_paths):
+    # scores grow along the corpus: every chunk replaces the whole running list, the filter passes
+    # everything and the chunks' own topk takes over
     gen = torch.Generator().manual_seed(4)
     queries = torch.rand(6, 8, generator=gen) + 0.1
     corpus = torch.rand(400, 8, generator=gen) * torch.linspace(1, 50, 400)[:, None]
     scores, idx = ops.topk_similarity(queries, corpus, 30, backend="torch", chunk_size=64)
     assert_same_topk(scores, idx, queries, corpus, 30, tol=1e-4, cast_queries=False)
+    assert filter_paths["dense"] == 400 // 64 + 1
+    corpus = torch.rand(20_000, 8, generator=gen) * torch.linspace(1, 50, 20_000)[:, None]
+    scores, idx = ops.topk_similarity(queries, corpus, 10, backend="torch", chunk_size=1024)
+    assert_same_topk(scores, idx, queries, corpus, 10, tol=1e-4, cast_queries=False)
+
+
+def test_torch_path_with_every_score_tied():
+    # a zero query ties every corpus row; a corpus of one repeated row ties them for every query
+    queries, corpus = data(6, 3000, 16, seed=9)
+    queries[2] = 0.0
+    scores, idx = ops.topk_similarity(queries, corpus, 50, backend="torch", chunk_size=512)
+    assert torch.equal(scores[2], torch.zeros(50))
+    assert all(len(set(row)) == 50 for row in idx.tolist()) and ((idx >= 0) & (idx < 3000)).all()
+    same = corpus[:1].expand(3000, 16)
+    scores, idx = ops.topk_similarity(queries, same, 50, backend="torch", chunk_size=512)
+    assert torch.allclose(scores, (queries @ corpus[0])[:, None].expand(6, 50), rtol=1e-6)
+    assert all(len(set(row)) == 50 for row in idx.tolist()) and ((idx >= 0) & (idx < 3000)).all()
+
+
+def test_torch_path_nan_and_inf_scores_as_torch_topk():
+    # NaN scores pass the filter and rank first, as in torch.topk; from then on the k-th best is NaN and
+    # the chunks' own topk decides. Rows of inf give inf - inf = NaN too.
+    queries, corpus = data(4, 3000, 8, seed=10)
+    corpus[1500] = float("nan")
+    corpus[2500] = float("inf")
+    scores, idx = ops.topk_similarity(queries, corpus, 5, backend="torch", chunk_size=512)
+    ref_scores, ref_idx = torch.topk(queries @ corpus.t(), 5, dim=1)
+    assert torch.equal(idx[:, :2].sort(dim=1).values, torch.tensor([[1500, 2500]] * 4))
+    assert torch.isnan(scores[:, :2]).all()
+    assert torch.allclose(scores, ref_scores, equal_nan=True)
+    assert torch.equal(idx[:, 2:], ref_idx[:, 2:])
+    # one NaN row, behind the point where the run filter is on
+    queries, corpus = data(4, 20_000, 8, seed=11)
+    corpus[17_000] = float("nan")
+    scores, idx = ops.topk_similarity(queries, corpus, 3, backend="torch", chunk_size=2048)
+    ref_scores, ref_idx = torch.topk(queries @ corpus.t(), 3, dim=1)
+    assert torch.equal(idx, ref_idx) and torch.allclose(scores, ref_scores, equal_nan=True)
+
+
+def test_inner_products_match_torch_mm(monkeypatch):
+    """fp32 products through oneDNN (where torch has it) equal torch.mm within rounding, and turning oneDNN
+    off (torch.backends.mkldnn) gives the torch.mm path."""
+    queries, corpus = data(33, 517, 257, seed=12)
+    ref = queries.double() @ corpus.double().t()
+    assert ops._onednn_usable() == torch.backends.mkldnn.is_available()
+    got = ops._inner_products(queries, corpus)
+    assert got.shape == (33, 517) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref, atol=1e-4, rtol=0)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert torch.equal(ops._inner_products(queries, corpus), torch.mm(queries, corpus.t()))
 
 
 def test_auto_backend_on_cpu_is_torch():
@@ -162,6 +247,34 @@ def test_auto_backend_on_cpu_is_torch():
     got = ops.topk_similarity(queries.requires_grad_(), corpus, 3)  # embeddings straight from a model
     ref = ops.topk_similarity_torch(queries, corpus, 3)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+class _CudaLike:
+    """What ops' dispatch looks at of a CUDA tensor, on a machine without one."""
+
+    is_cuda = True
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+@pytest.mark.parametrize("dtypes,expected", [
+    ((torch.float32, torch.float32), "triton"),
+    ((torch.float32, torch.float16), "triton"),
+    ((torch.float32, torch.float64), "torch"),  # a float64 corpus: the kernel takes none
+    ((torch.float64, torch.float32), "torch"),  # float64 queries: the kernel would round them to the corpus'
+])  # fmt: skip
+def test_auto_backend_on_cuda_follows_the_dtypes(monkeypatch, dtypes, expected):
+    monkeypatch.setattr(ops, "_triton_available", lambda: True)
+    assert ops._pick_backend("auto", _CudaLike(dtypes[1]), dtypes) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_backend_takes_float64_on_cuda():
+    queries, corpus = data(9, 130, 24, seed=3, dtype=torch.float64)
+    scores, idx = ops.topk_similarity(queries.double(), corpus, 5)
+    assert_same_topk(scores, idx, queries.double(), corpus, 5, tol=1e-6, cast_queries=False)
 
 
 def test_search_numpy_in_numpy_out(rng):
@@ -215,6 +328,58 @@ def test_search_bad_input():
         vr.search([["a", "b"]], np.zeros((4, 2)), 1)
     with pytest.raises(InputError, match="exceeds"):
         vr.search(np.zeros((1, 2)), np.zeros((4, 2)), 5)
+
+
+# Run in a fresh process: this module's own tests hold interpreter_mode() open, and a process that imported
+# triton in compiled mode (the normal state) is what must come back intact.
+_INTERPRETER_MODE_RESTORES = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+import vlm2vec_rt.kernels
+import vlm2vec_rt.kernels.infonce as infonce
+from vlm2vec_rt import ops
+from vlm2vec_rt.kernels.interpreter import interpreter_mode
+
+tl_before, standard_before = dict(vars(tl)), dict(vars(tl.standard))
+infonce_before = dict(vars(infonce))
+assert type(tl.max) is JITFunction and type(infonce.KERNELS[0]) is JITFunction
+with interpreter_mode():
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert isinstance(tl.max, InterpretedFunction) and isinstance(infonce.KERNELS[0], InterpretedFunction)
+    scores, idx = ops.topk_similarity(torch.randn(3, 8), torch.randn(40, 8), 2, backend="triton")
+    assert "vlm2vec_rt.kernels.topk" in sys.modules
+assert "TRITON_INTERPRET" not in os.environ
+assert vars(tl).keys() == tl_before.keys() and all(getattr(tl, n) is v for n, v in tl_before.items())
+assert vars(tl.standard).keys() == standard_before.keys()
+assert all(vars(tl.standard)[n] is v for n, v in standard_before.items())
+assert vars(infonce).keys() == infonce_before.keys()
+assert all(vars(infonce)[n] is v for n, v in infonce_before.items())
+# first imported inside the block: forgotten, and imported afresh in compiled mode
+assert "vlm2vec_rt.kernels.topk" not in sys.modules and not hasattr(vlm2vec_rt.kernels, "topk")
+import vlm2vec_rt.kernels.topk as topk
+assert type(topk.KERNELS[0]) is JITFunction
+print("restored")
+"""
+
+
+def test_interpreter_mode_restores_triton_and_the_kernels():
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_MODE_RESTORES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("restored")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
