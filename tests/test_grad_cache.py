@@ -123,10 +123,7 @@ def _backbone_with_lora(path, dropout):
 
     bb = load_backbone(path)
     torch.manual_seed(0)
-    add_adapter(bb, r=4, dropout=dropout)
-    for name, p in bb.model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero; make the adapter act so every gradient is non-zero
-            nn.init.normal_(p, std=0.05)
+    add_adapter(bb, r=4, dropout=dropout, init_b_std=0.05)  # the adapter acts: every gradient is non-zero
     return bb
 
 

@@ -372,6 +372,21 @@ def test_merged_model_embeds_like_the_adapter(tmp_path, tiny_model, photos, dora
         merge_adapter(tiny_model, tmp_path / "adapter", tmp_path / "merged")
 
 
+def test_adapter_b_starts_at_zero_unless_asked(tiny_llava):
+    from vlm2vec_rt.models.backbones import load_backbone
+    from vlm2vec_rt.training.lora import add_adapter
+
+    def b_weights(**kw):
+        model = add_adapter(load_backbone(tiny_llava), r=4, **kw)
+        return torch.cat([p.flatten() for name, p in model.named_parameters() if "lora_B" in name])
+
+    assert (b_weights() == 0).all()
+    acting = b_weights(init_b_std=0.05)
+    assert 0.04 < float(acting.std()) < 0.06
+    with pytest.raises(InputError, match="init_b_std"):
+        b_weights(init_b_std=-1.0)
+
+
 # ---- command line ------------------------------------------------------------------------------------------
 def test_cli_train_then_merge(tmp_path, tiny_qwen, digit_set, capsys):
     from vlm2vec_rt.cli import main

@@ -40,11 +40,7 @@ def lora_backbone(model_dir: str):
 
     bb = load_backbone(model_dir)
     torch.manual_seed(0)
-    add_adapter(bb, r=4, dropout=0.0)
-    torch.manual_seed(1)
-    for name, p in bb.model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero; make the adapter act so every gradient is non-zero
-            torch.nn.init.normal_(p, std=0.05)
+    add_adapter(bb, r=4, dropout=0.0, init_b_std=0.05)  # the adapter acts: every gradient is non-zero
     return bb
 
 

@@ -46,11 +46,14 @@ def add_adapter(
     dropout: float = 0.1,
     dora: bool = False,
     train_vision: bool = False,
+    init_b_std: float = 0.0,
 ) -> nn.Module:
     """Inject a LoRA (or DoRA) adapter into backbone.model in place; returns the peft model wrapping it.
 
     Only the adapter's weights are trainable afterwards. alpha defaults to 4 * r (VLM2Vec: r 16, alpha 64).
-    The backbone's own forward runs through the adapted layers (peft swaps them in place).
+    The backbone's own forward runs through the adapted layers (peft swaps them in place). init_b_std > 0
+    starts B at N(0, init_b_std) instead of peft's zeros, so that the adapter acts from the first step and
+    every gradient is non-zero (gradient checks and benchmarks; training starts from zero).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -58,6 +61,8 @@ def add_adapter(
         raise InputError(f"LoRA rank must be >= 1, got {r}")
     if not 0.0 <= dropout < 1.0:
         raise InputError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if init_b_std < 0:
+        raise InputError(f"init_b_std must be >= 0, got {init_b_std}")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha if alpha is not None else 4 * r,
@@ -67,7 +72,13 @@ def add_adapter(
         bias="none",
     )
     with quiet_transformers():
-        return get_peft_model(backbone.model, config)
+        model = get_peft_model(backbone.model, config)
+    if init_b_std > 0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=init_b_std)
+    return model
 
 
 def set_full_finetune(backbone: Backbone, *, train_vision: bool = False) -> None:
