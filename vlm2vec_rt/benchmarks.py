@@ -36,10 +36,14 @@ def bench_dir() -> Path:
 
 def load(name: str) -> Any:
     """The module bench/bench_<name>.py."""
+    return _import_from_bench(f"bench_{name}")
+
+
+def _import_from_bench(module: str) -> Any:
     folder = os.fspath(bench_dir())
     if folder not in sys.path:
         sys.path.insert(0, folder)  # the scripts import their shared `common` module as a sibling
-    return importlib.import_module(f"bench_{name}")
+    return importlib.import_module(module)
 
 
 def run_benchmarks(which: str = "all", out_dir: str | os.PathLike = "bench/results") -> int:
@@ -72,7 +76,7 @@ def run_benchmarks(which: str = "all", out_dir: str | os.PathLike = "bench/resul
         sections += [f"- {line}" for line in lines]
         sections += [f"- FAILED CHECK: {p}" for p in problems]
         sections += [f"- results: `{name}.json`, plot: `{name}.png`", ""]
-    common = load("common")
+    common = _import_from_bench("common")
     machine = common.machine()
     header = [
         "# Benchmark summary",
