@@ -146,6 +146,19 @@ def test_fingerprint_identifies_the_engine(engine_dirs, eager):
     assert a.fingerprint != Engine.load(engine_dirs("llava_fp32"), image_resolution="high").fingerprint
 
 
+def test_only_the_decoder_session_spins(engine_dirs):
+    # two thread pools share the cores: the vision pool must sleep while the decoder's works
+    def allow_spinning(session) -> str:
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default, spinning on
+            return "default"
+
+    runner = Engine.load(engine_dirs("llava_fp32")).runner
+    assert allow_spinning(runner.sessions["vision"]) == "0"
+    assert allow_spinning(runner.sessions["decoder"]) == "default"
+
+
 def test_concurrent_encode_equals_one_thread(engine_dirs, photos, rng):
     engine = Engine.load(engine_dirs("llava_fp32"))
     items = _fresh_items(photos, rng, n=9)
