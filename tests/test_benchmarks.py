@@ -14,16 +14,23 @@ from vlm2vec_rt.errors import InputError
 
 SCRIPTS = {
     "bench_good.py": """
+import json
+
 def main(out):
-    (out / "good.json").write_text("{}")
-    return {"failures": [], "ratio": 2.5}
+    results = {"failures": [], "ratio": 2.5}
+    (out / "good.json").write_text(json.dumps(results))
+    return results
 
 def summary(results):
     return [f"good: {results['ratio']:.1f}x eager"]
 """,
     "bench_wrong.py": """
+import json
+
 def main(out):
-    return {"failures": ["top-k Q=3: wrong result"]}
+    results = {"failures": ["top-k Q=3: wrong result"]}
+    (out / "wrong.json").write_text(json.dumps(results))
+    return results
 
 def summary(results):
     return ["wrong: measured anyway"]
@@ -62,11 +69,19 @@ def test_summary_has_every_script_and_every_failure(bench_folder, tmp_path, caps
     assert "failed: broken, wrong" in capsys.readouterr().err
 
 
-def test_one_benchmark_writes_its_own_summary(bench_folder, tmp_path):
+def test_one_benchmark_refreshes_its_section_and_keeps_the_others(bench_folder, tmp_path):
     out = tmp_path / "results"
     assert benchmarks.run_benchmarks("good", out) == 0
-    assert "good: 2.5x eager" in (out / "SUMMARY-good.md").read_text()
-    assert not (out / "SUMMARY.md").exists()
+    summary = (out / "SUMMARY.md").read_text()
+    assert "good: 2.5x eager" in summary and "wrong" not in summary
+    benchmarks.run_benchmarks("all", out)
+    (out / "good.json").write_text('{"failures": [], "ratio": 3.0}')  # a rerun elsewhere changed it
+    assert benchmarks.run_benchmarks("wrong", out) == 1
+    summary = (out / "SUMMARY.md").read_text()
+    assert "## good (earlier run, " in summary and "good: 3.0x eager" in summary
+    assert "FAILED CHECK: top-k Q=3: wrong result" in summary
+    assert "broken" not in summary  # it left no results behind
+    assert summary.index("## good") < summary.index("## wrong")  # the order of BENCHMARKS
 
 
 def test_unknown_benchmark_is_an_input_error(bench_folder, tmp_path):

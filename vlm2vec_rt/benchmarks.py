@@ -9,6 +9,7 @@ figures (its `summary(results)` lines).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import time
@@ -47,14 +48,19 @@ def _import_from_bench(module: str) -> Any:
 
 
 def run_benchmarks(which: str = "all", out_dir: str | os.PathLike = "bench/results") -> int:
-    """Run one benchmark or all of them; returns 0 when every correctness check passed, else 1."""
+    """Run one benchmark or all of them, then rewrite SUMMARY.md; returns 0 when every check passed, else 1.
+
+    SUMMARY.md covers every benchmark with results in out_dir: the ones run now, and (marked as such, with
+    their date) those of an earlier run that this one did not repeat, so rerunning one benchmark refreshes
+    its section without losing the others'.
+    """
     names = BENCHMARKS if which == "all" else (which,)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise InputError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)} or all")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sections: list[str] = []
+    sections: dict[str, list[str]] = {}
     failed = []
     for name in names:
         module = load(name)
@@ -65,20 +71,50 @@ def run_benchmarks(which: str = "all", out_dir: str | os.PathLike = "bench/resul
         except Exception as e:  # a broken benchmark must not hide the others' results
             traceback.print_exc()
             failed.append(name)
-            sections += [f"## {name}", "", f"FAILED: {type(e).__name__}: {e}", ""]
+            sections[name] = [f"## {name}", "", f"FAILED: {type(e).__name__}: {e}", ""]
             continue
-        seconds = time.perf_counter() - t0
-        problems = (results or {}).get("failures") or []
-        if problems:
+        if (results or {}).get("failures"):
             failed.append(name)
-        lines = module.summary(results) if hasattr(module, "summary") else []
-        sections += [f"## {name} ({seconds:.0f} s; `python bench/bench_{name}.py`)", ""]
-        sections += [f"- {line}" for line in lines]
-        sections += [f"- FAILED CHECK: {p}" for p in problems]
-        sections += [f"- results: `{name}.json`, plot: `{name}.png`", ""]
-    common = _import_from_bench("common")
-    machine = common.machine()
-    header = [
+        sections[name] = _section(name, module, results, f"{time.perf_counter() - t0:.0f} s")
+    for name in BENCHMARKS:
+        earlier = out / f"{name}.json"
+        if name not in sections and earlier.is_file():
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(earlier.stat().st_mtime))
+            try:
+                results = json.loads(earlier.read_text())
+                sections[name] = _section(name, load(name), results, f"earlier run, {when}")
+            except Exception as e:  # an unreadable old file is reported, not fatal
+                sections[name] = [
+                    f"## {name}",
+                    "",
+                    f"earlier results unreadable: {type(e).__name__}: {e}",
+                    "",
+                ]
+    summary_path = out / "SUMMARY.md"
+    lines = _header() + [line for name in BENCHMARKS if name in sections for line in sections[name]]
+    atomic.write_bytes(summary_path, "\n".join(lines).encode())
+    print(f"wrote {summary_path}", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _section(name: str, module: Any, results: dict, when: str) -> list[str]:
+    """A benchmark's part of SUMMARY.md: its headline lines and every failed check."""
+    problems = (results or {}).get("failures") or []
+    lines = module.summary(results) if hasattr(module, "summary") else []
+    return (
+        [f"## {name} ({when}; `python bench/bench_{name}.py`)", ""]
+        + [f"- {line}" for line in lines]
+        + [f"- FAILED CHECK: {p}" for p in problems]
+        + [f"- results: `{name}.json`, plot: `{name}.png`", ""]
+    )
+
+
+def _header() -> list[str]:
+    machine = _import_from_bench("common").machine()
+    return [
         "# Benchmark summary",
         "",
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores"
@@ -90,10 +126,3 @@ def run_benchmarks(which: str = "all", out_dir: str | os.PathLike = "bench/resul
         f"Load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}",
         "",
     ]
-    summary_path = out / ("SUMMARY.md" if which == "all" else f"SUMMARY-{which}.md")
-    atomic.write_bytes(summary_path, "\n".join(header + sections).encode())
-    print(f"wrote {summary_path}", flush=True)
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
