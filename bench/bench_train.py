@@ -183,6 +183,72 @@ def timing_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Where a GradCache step's extra time goes, at one batch (A/B-alternated medians, seconds).
+
+    plain: forward + backward of each side whole; nograd_chunks: GradCache's first pass alone (forward of
+    each side in chunks, no graph); grad_chunks: forward + backward in chunks (its last pass, without the
+    loss in between); gradcache and gradcache_no_dropout: whole steps, LoRA dropout on and off (the masks
+    are drawn in both passes).
+    """
+    import torch
+
+    from vlm2vec_rt.training import grad_cache_step
+
+    bb, _ = _setup(cfg)
+    encode = encoder(bb)
+    dropouts = [m for m in bb.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+
+    def chunks(items):
+        return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+
+    def forward_backward(parts):
+        for part in parts:
+            encode(part).sum().backward()
+
+    def gradcache(queries, targets, dropout: bool):
+        for m in dropouts:
+            m.p = 0.1 if dropout else 0.0
+        try:
+            grad_cache_step(encode, queries, targets, chunk_size=CHUNK)
+        finally:
+            for m in dropouts:
+                m.p = 0.1
+
+    def nograd(queries, targets):
+        with torch.no_grad():
+            for part in chunks(queries) + chunks(targets):
+                encode(part)
+
+    parts = {
+        "plain": lambda q, t: forward_backward([q, t]),
+        "nograd_chunks": nograd,
+        "grad_chunks": lambda q, t: forward_backward(chunks(q) + chunks(t)),
+        "gradcache": lambda q, t: gradcache(q, t, True),
+        "gradcache_no_dropout": lambda q, t: gradcache(q, t, False),
+    }
+    warm = make_inputs(16, seed=999)
+    for fn in parts.values():
+        fn(*warm)
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for r in range(cfg["repeats"]):
+        queries, targets = make_inputs(cfg["batch"], seed=r)
+        for name in parts if r % 2 == 0 else list(parts)[::-1]:
+            bb.model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            parts[name](queries, targets)
+            times[name].append(time.perf_counter() - t0)
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    plain = medians["plain"]
+    return {
+        "batch": cfg["batch"],
+        "median_s": medians,
+        "first_pass_over_plain": medians["nograd_chunks"] / plain,
+        "chunked_over_whole_forward_backward": medians["grad_chunks"] / plain,
+        "dropout_share_of_gradcache": 1 - medians["gradcache_no_dropout"] / medians["gradcache"],
+    }
+
+
 # ---- parent side -----------------------------------------------------------------------------------------
 def check_gradients(model_dir: str, batch: int = 12) -> dict[str, Any]:
     """GradCache gradients vs plain backward on the same inputs (dropout off): relative difference."""
@@ -296,6 +362,18 @@ def main(
                     flush=True,
                 )
 
+        # Where GradCache's extra time goes, at the smallest batch (where the ratio is largest).
+        breakdown = run_worker(
+            {**base, "kind": "breakdown", "batch": batches[0], "repeats": max(3, repeats)}, limit, timeout_s
+        )
+        if breakdown["status"] == "ok":
+            print(
+                f"breakdown batch {batches[0]}: first pass {breakdown['first_pass_over_plain']:.2f}x a plain "
+                f"step, chunked forward+backward {breakdown['chunked_over_whole_forward_backward']:.2f}x whole, "
+                f"dropout {100 * breakdown['dropout_share_of_gradcache']:.0f}% of a GradCache step",
+                flush=True,
+            )
+
     summary = summarise(results, timing, batches)
     report = {
         "config": {
@@ -314,6 +392,7 @@ def main(
             "caveat": "measured on a shared machine: times are noisy; compare ratios",
         },
         "gradient_check": check,
+        "breakdown": breakdown,
         "memory": {m: {str(b): r for b, r in rs.items()} for m, rs in results.items()},
         "timing": {str(b): r for b, r in timing.items()},
         "summary": summary,
@@ -345,6 +424,14 @@ def summary(report: dict) -> list[str]:
             "GradCache step time over plain at equal batch: "
             + ", ".join(f"{b}: {r:.2f}x" for b, r in s["gradcache_over_plain_step_time"].items())
             + f" (target <= {s['targets']['time_ratio']}x)"
+        )
+    b = report.get("breakdown") or {}
+    if b.get("status") == "ok":
+        lines.append(
+            f"where GradCache's extra time goes at batch {b['batch']}: its first (no-grad) pass costs "
+            f"{b['first_pass_over_plain']:.2f}x a plain step; forward+backward in chunks of {CHUNK} costs "
+            f"{b['chunked_over_whole_forward_backward']:.2f}x the whole batch's; LoRA dropout (drawn in both "
+            f"passes) is {100 * b['dropout_share_of_gradcache']:.0f}% of a GradCache step"
         )
     return lines
 
@@ -426,7 +513,8 @@ if __name__ == "__main__":
     args = _parse()
     if args.worker:
         cfg = json.loads(args.worker)
-        print(json.dumps((memory_worker if cfg["kind"] == "memory" else timing_worker)(cfg)))
+        workers = {"memory": memory_worker, "timing": timing_worker, "breakdown": breakdown_worker}
+        print(json.dumps(workers[cfg["kind"]](cfg)))
         sys.exit(0)
     main(
         args.out,
