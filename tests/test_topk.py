@@ -294,6 +294,43 @@ def test_search_numpy_in_numpy_out(rng):
     assert np.array_equal(list_idx, idx)
 
 
+def test_search_takes_reversed_and_big_endian_arrays(rng):
+    corpus = rng.standard_normal((50, 6)).astype(np.float32)
+    queries = rng.standard_normal((4, 6)).astype(np.float32)
+    want = vr.search(queries[::-1], corpus, 3)
+    got = vr.search(np.ascontiguousarray(queries[::-1]).astype(">f4"), corpus[:, ::-1][:, ::-1], 3)
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+
+
+def test_one_rising_query_keeps_the_merges_small(monkeypatch):
+    # query 0's scores rise along the corpus: all its scores pass the filter (1/64 of all: not a dense
+    # merge); before the per-query bound its pending passes grew to 8 k Q (3072 columns wide here)
+    gen = torch.Generator().manual_seed(21)
+    n, k, chunk = 40_000, 5, 1024
+    queries, corpus = torch.randn(64, 9, generator=gen), torch.randn(n, 9, generator=gen)
+    queries[:, 8] = 0
+    queries[0] = 0
+    queries[0, 8] = 1
+    corpus[:, 8] = torch.linspace(0, 50, n)
+    widths = []
+    merge = ops._RunningTopK._merge
+    monkeypatch.setattr(
+        ops._RunningTopK, "_merge", lambda self, s, i: (widths.append(s.shape[1]), merge(self, s, i))
+    )
+    threads = torch.get_num_threads()
+    scores, idx = ops.topk_similarity_torch(queries, corpus, k, chunk_size=chunk)
+    assert_same_topk(scores, idx, queries, corpus, k, tol=1e-4)
+    assert max(widths) <= ops._PENDING_PER_K * k + chunk
+    assert torch.get_num_threads() == threads  # no process-wide thread setting changed under other threads
+
+
+def test_torch_path_checks_its_inputs():
+    with pytest.raises(InputError, match="exceeds the corpus size"):
+        ops.topk_similarity_torch(torch.randn(3, 8), torch.randn(10, 8), 11)
+    scores, idx = ops.topk_similarity_torch(torch.randn(0, 8), torch.randn(10, 8), 4)
+    assert scores.shape == (0, 4) and idx.dtype == torch.int64
+
+
 def test_search_tensors_in_tensors_out():
     queries, corpus = data(5, 40, 8, seed=6)
     scores, idx = vr.search(queries, corpus, 2)

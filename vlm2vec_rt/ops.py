@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -134,10 +133,15 @@ def topk_similarity_torch(
     The top k of the first columns starts a running list; every later score is filtered against each
     query's running k-th best (see _RunningTopK), so only the few that can still enter the top k are
     selected from, not whole chunks. Exact: the same indices as torch.topk over the full matrix wherever
-    scores are not tied (NaN ranks first, as there).
+    scores are not tied (NaN ranks first, as there). Inputs are checked as by topk_similarity.
     """
+    _check_topk_inputs(queries, corpus, k)
+    _check_chunk_size(chunk_size)
     n_queries = queries.shape[0]
     n = corpus.shape[0]
+    if n_queries == 0:
+        empty = queries.new_empty((0, k), dtype=torch.float32)
+        return empty, empty.to(torch.int64)
     dtype = torch.float64 if torch.float64 in (queries.dtype, corpus.dtype) else torch.float32
     q = queries.detach().to(dtype).contiguous()
     corpus = corpus.detach()
@@ -169,8 +173,9 @@ class _RunningTopK:
     doubled since the last merge: the threshold tightens as fast as it usefully can, in a few merges
     (about k ln 2 passes per query between two), so a chunk costs a handful of torch ops. Where the filter
     would keep too much (adversarially ordered data) or has no finite threshold (fewer than k columns yet,
-    NaN or infinite scores), the new scores' own torch.topk is merged instead: same result, dearer. Passes
-    over whole chunks use every thread; the bookkeeping on the few that pass runs on one (_one_thread).
+    NaN or infinite scores), the new scores' own torch.topk is merged instead: same result, dearer. A query
+    whose passes alone reach _PENDING_PER_K * k (its scores rising along the corpus) forces a merge, so the
+    padded matrix stays within [Q, _PENDING_PER_K * k + chunk] whatever the order of the data.
     """
 
     def __init__(self, k: int):
@@ -181,7 +186,7 @@ class _RunningTopK:
         self.idx: torch.Tensor | None = None
         self.threshold: torch.Tensor | None = None  # [Q, 1] the k-th best merged, once there are k
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (row, index, score)
-        self.n_pending = 0
+        self.pending_per_query: torch.Tensor | None = None  # [Q] how many of the pending are each query's
 
     def add(self, scores: torch.Tensor, offset: int) -> None:
         """Take in scores [Q, c] of corpus rows offset .. offset + c - 1 (any row stride, unit column stride)."""
@@ -197,21 +202,24 @@ class _RunningTopK:
             # run j of a row: columns j, j + n_runs, j + 2 n_runs, ...; their maxima are an element-wise max
             # of _BLOCK contiguous slices (vectorises well, unlike a max over short contiguous runs)
             by_run = scores.view(n_queries, _BLOCK, width // _BLOCK)
-            run_max = by_run.amax(dim=1)  # the one pass over the whole chunk: on every thread
-            with _one_thread():
-                rows, cols, values = self._passes_by_runs(by_run, run_max)
+            run_max = by_run.amax(dim=1)  # the one pass over the whole chunk
+            rows, cols, values = self._passes_by_runs(by_run, run_max)
         else:
             rows, cols = _not_below(scores, self.threshold).nonzero(as_tuple=True)
             values = scores[rows, cols]
         if rows.numel() * _DENSE_BEYOND > scores.numel():
             self._merge_dense(scores, offset)
             return
+        crowded = False
         if rows.numel():
             self.pending.append((rows, cols + offset, values))
-            self.n_pending += rows.numel()
-        if self.seen >= 2 * self.merged or self.n_pending > _PENDING_PER_K * self.k * n_queries:
-            with _one_thread():
-                self._merge_pending(n_queries)
+            counts = torch.bincount(rows, minlength=n_queries)
+            if self.pending_per_query is not None:
+                counts += self.pending_per_query
+            self.pending_per_query = counts
+            crowded = int(counts.max()) > _PENDING_PER_K * self.k
+        if crowded or self.seen >= 2 * self.merged:
+            self._merge_pending(n_queries)
 
     def _passes_by_runs(self, by_run: torch.Tensor, run_max: torch.Tensor):
         n_runs = by_run.shape[2]
@@ -228,9 +236,9 @@ class _RunningTopK:
                 rows, idx, values = (torch.cat(parts) for parts in zip(*self.pending))
                 rows, order = torch.sort(rows)
                 idx, values = idx[order], values[order]
-            self.pending, self.n_pending = [], 0
+            counts = self.pending_per_query
+            self.pending, self.pending_per_query = [], None
             # padded into [Q, widest]; -inf is below every finite threshold, so never chosen over the k held
-            counts = torch.bincount(rows, minlength=n_queries)
             slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
             widest = int(counts.max())
             pad_scores = values.new_full((n_queries, widest), -math.inf)
@@ -265,24 +273,6 @@ class _RunningTopK:
             self._merge_pending(self.scores.shape[0])
         scores, order = torch.sort(self.scores, dim=1, descending=True)
         return scores.to(torch.float32), self.idx.gather(1, order)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch ops on this thread alone for a block (the thread count is restored after).
-
-    For the bookkeeping on the few scores that pass the filter: there each parallel op's thread-pool round
-    trip costs more than it saves, and on a busy machine, where a pool thread waits for a core, it costs
-    milliseconds. Measured on the 2-core machine, Q=256, N=100k, k=100: about 6% slower when quiet, 25%
-    faster with one competing busy process, and not the 3-10x swings of the all-parallel version under
-    heavier load.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _not_below(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -373,6 +363,11 @@ def _as_tensor(x: Any, name: str) -> torch.Tensor:
         raise InputError(f"search: {name} must hold numbers, got dtype {array.dtype}")
     if array.dtype.kind in "iu":
         array = array.astype(np.float32)
+    # torch.from_numpy takes neither negative strides (a[::-1]) nor non-native byte order ('>f4')
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
     with warnings.catch_warnings():
         # read-only arrays (np.load(mmap_mode="r")) are fine: nothing here writes to them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
