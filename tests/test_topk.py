@@ -324,6 +324,17 @@ def test_one_rising_query_keeps_the_merges_small(monkeypatch):
     assert torch.get_num_threads() == threads  # no process-wide thread setting changed under other threads
 
 
+def test_chunks_narrower_than_k_are_widened(monkeypatch):
+    # a merge per chunk of one row with k near N cost N * k (6.7 s at N = 20k, k = 19k)
+    queries, corpus = data(4, 2000, 8, seed=23)
+    merges = []
+    merge = ops._RunningTopK._merge
+    monkeypatch.setattr(ops._RunningTopK, "_merge", lambda self, s, i: (merges.append(1), merge(self, s, i)))
+    scores, idx = ops.topk_similarity(queries, corpus, 1900, chunk_size=1, backend="torch")
+    assert_same_topk(scores, idx, queries, corpus, 1900, tol=1e-4)
+    assert len(merges) <= 4
+
+
 def test_torch_path_checks_its_inputs():
     with pytest.raises(InputError, match="exceeds the corpus size"):
         ops.topk_similarity_torch(torch.randn(3, 8), torch.randn(10, 8), 11)

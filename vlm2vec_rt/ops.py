@@ -105,7 +105,7 @@ def topk_similarity(
     queries [Q, D], corpus [N, D] on one device (fp32, fp16 or bf16; the torch path also takes fp64, and
     backend="auto" takes it for them).
     Returns (scores [Q, k] float32, indices [Q, k] int64) on that device; Q may be 0. The Q x N score
-    matrix is never held: the torch path walks the corpus in chunks of chunk_size rows (default about
+    matrix is never held: the torch path walks the corpus in chunks of chunk_size rows (at least k; default about
     8 MB of scores), the Triton kernel in tiles. Tied scores may come in either order.
     """
     _check_topk_inputs(queries, corpus, k)
@@ -145,7 +145,9 @@ def topk_similarity_torch(
     dtype = torch.float64 if torch.float64 in (queries.dtype, corpus.dtype) else torch.float32
     q = queries.detach().to(dtype).contiguous()
     corpus = corpus.detach()
-    chunk = chunk_size or default_topk_chunk(n_queries, n, k)
+    # never narrower than k: each chunk costs a merge of the k held scores, so chunks of a few rows with k
+    # near N would cost N * k (and the result is Q x k anyway)
+    chunk = max(chunk_size or default_topk_chunk(n_queries, n, k), k)
     running = _RunningTopK(k)
     for start in range(0, n, chunk):
         block = corpus[start : start + chunk].to(dtype).contiguous()
