@@ -105,18 +105,17 @@ def topk_similarity(
     queries [Q, D], corpus [N, D] on one device (fp32, fp16 or bf16; the torch path also takes fp64, and
     backend="auto" takes it for them).
     Returns (scores [Q, k] float32, indices [Q, k] int64) on that device; Q may be 0. The Q x N score
-    matrix is never held: the torch path walks the corpus in chunks of chunk_size rows (at least k; default about
-    8 MB of scores), the Triton kernel in tiles. Tied scores may come in either order.
+    matrix is never held: the torch path walks the corpus in chunks of chunk_size rows (at least k; default
+    about 8 MB of scores), the Triton kernel in tiles. Tied scores may come in either order.
     """
     _check_topk_inputs(queries, corpus, k)
     _check_chunk_size(chunk_size)
     backend = _pick_backend(backend, corpus, (queries.dtype, corpus.dtype))
     queries, corpus = queries.detach(), corpus.detach()  # a selection: nothing to differentiate
-    if queries.shape[0] == 0:
-        empty = queries.new_empty((0, k), dtype=torch.float32)
-        return empty, empty.to(torch.int64)
     if backend == "torch":
         return topk_similarity_torch(queries, corpus, k, chunk_size=chunk_size)
+    if queries.shape[0] == 0:
+        return _no_results(queries, k)
     if corpus.dtype not in KERNEL_DTYPES:
         raise InputError(f"backend='triton' takes a float32, float16 or bfloat16 corpus, not {corpus.dtype}")
     return _kernel_module("topk", corpus).topk_similarity(queries, corpus, k)
@@ -140,8 +139,7 @@ def topk_similarity_torch(
     n_queries = queries.shape[0]
     n = corpus.shape[0]
     if n_queries == 0:
-        empty = queries.new_empty((0, k), dtype=torch.float32)
-        return empty, empty.to(torch.int64)
+        return _no_results(queries, k)
     dtype = torch.float64 if torch.float64 in (queries.dtype, corpus.dtype) else torch.float32
     q = queries.detach().to(dtype).contiguous()
     corpus = corpus.detach()
@@ -254,7 +252,6 @@ class _RunningTopK:
         self._merge_pending(scores.shape[0])
         top_scores, top_idx = torch.topk(scores, min(self.k, scores.shape[1]), dim=1, sorted=False)
         self._merge(top_scores, top_idx.add_(offset))
-        self.merged = self.seen
 
     def _merge(self, scores: torch.Tensor, idx: torch.Tensor) -> None:
         if self.scores is not None:
@@ -275,6 +272,12 @@ class _RunningTopK:
             self._merge_pending(self.scores.shape[0])
         scores, order = torch.sort(self.scores, dim=1, descending=True)
         return scores.to(torch.float32), self.idx.gather(1, order)
+
+
+def _no_results(queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result for Q = 0 queries: ([0, k] float32, [0, k] int64) on the queries' device."""
+    empty = queries.new_empty((0, k), dtype=torch.float32)
+    return empty, empty.to(torch.int64)
 
 
 def _not_below(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
