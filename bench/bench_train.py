@@ -197,7 +197,7 @@ def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     bb, _ = _setup(cfg)
     encode = encoder(bb)
-    dropouts = [m for m in bb.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    dropouts = {m: m.p for m in bb.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
 
     def chunks(items):
         return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
@@ -207,13 +207,13 @@ def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             encode(part).sum().backward()
 
     def gradcache(queries, targets, dropout: bool):
-        for m in dropouts:
-            m.p = 0.1 if dropout else 0.0
+        for m, p in dropouts.items():
+            m.p = p if dropout else 0.0
         try:
             grad_cache_step(encode, queries, targets, chunk_size=CHUNK)
         finally:
-            for m in dropouts:
-                m.p = 0.1
+            for m, p in dropouts.items():
+                m.p = p
 
     def nograd(queries, targets):
         with torch.no_grad():
@@ -368,8 +368,8 @@ def main(
         )
         if breakdown["status"] == "ok":
             print(
-                f"breakdown batch {batches[0]}: first pass {breakdown['first_pass_over_plain']:.2f}x a plain "
-                f"step, chunked forward+backward {breakdown['chunked_over_whole_forward_backward']:.2f}x whole, "
+                f"breakdown batch {batches[0]}: first pass {breakdown['first_pass_over_plain']:.2f}x plain "
+                f"forward+backward, chunked forward+backward {breakdown['chunked_over_whole_forward_backward']:.2f}x whole, "
                 f"dropout {100 * breakdown['dropout_share_of_gradcache']:.0f}% of a GradCache step",
                 flush=True,
             )
@@ -429,7 +429,7 @@ def summary(report: dict) -> list[str]:
     if b.get("status") == "ok":
         lines.append(
             f"where GradCache's extra time goes at batch {b['batch']}: its first (no-grad) pass costs "
-            f"{b['first_pass_over_plain']:.2f}x a plain step; forward+backward in chunks of {CHUNK} costs "
+            f"{b['first_pass_over_plain']:.2f}x plain forward+backward; forward+backward in chunks of {CHUNK} costs "
             f"{b['chunked_over_whole_forward_backward']:.2f}x the whole batch's; LoRA dropout (drawn in both "
             f"passes) is {100 * b['dropout_share_of_gradcache']:.0f}% of a GradCache step"
         )
