@@ -16,6 +16,7 @@ Writes <out>/engine.json and <out>/engine.png.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -167,6 +168,38 @@ def precision_at_1(encoders: dict[str, Any], work: Path, quick: bool) -> dict:
 
 
 # ---- main -----------------------------------------------------------------------------------------------
+def decoder_op_share(engine: Any, items: list, runs: int = 5) -> dict[str, float]:
+    """Share of the decoder graph's kernel time per operator type (onnxruntime's profiler), on one batch of
+    items through a second session over the engine's own decoder file, with the engine's session options."""
+    import collections
+
+    import onnxruntime as ort
+
+    from vlm2vec_rt.engine.ort import session_options
+
+    batch = engine.pre.collate(engine.pre.prepare_many(items))
+    feeds = {
+        "inputs_embeds": engine.host.inputs_embeds(batch.input_ids, []),
+        "attention_mask": batch.attention_mask,
+        "position_ids": engine.host.position_ids(batch),
+    }
+    options = session_options()
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "decoder")
+        decoder = engine.path / engine.manifest["graphs"]["decoder"]["file"]
+        session = ort.InferenceSession(os.fspath(decoder), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values()) or 1
+    return {op: round(us / total, 4) for op, us in per_op.most_common()}
+
+
 def main(
     out_dir: str | os.PathLike | None = None, *, quick: bool = False, aoti: bool = True, eval: bool = True
 ) -> dict:
@@ -250,6 +283,11 @@ def main(
                     ),
                 }
 
+        # Where the fp32 decoder's time goes: the ceiling the engine can reach without doing less work.
+        op_share = {}
+        if "ort-fp32" in timed:
+            op_share = decoder_op_share(timed["ort-fp32"], workloads["text"][0])
+
         p_at_1 = {}
         if eval:
             subset = {n: e for n, e in encoders.items() if n in ("eager", "ort-int8")}
@@ -286,6 +324,7 @@ def main(
         "correctness_min_cosine_vs_eager": correctness,
         **results,
         "ratios": ratios,
+        "ort_fp32_decoder_op_share": op_share,
         "precision_at_1": p_at_1,
         "targets": targets,
         "notes": notes,
@@ -309,6 +348,10 @@ def summary(report: dict) -> list[str]:
                 f"({tp[name]['median_items_per_s'] / base:.2f}x eager), batch-1 p50 {lat[name]['median_ms']:.1f} ms, "
                 f"p99 {lat[name]['p99_ms']:.1f} ms"
             )
+    share = report.get("ort_fp32_decoder_op_share") or {}
+    if share:
+        top = ", ".join(f"{op} {100 * v:.0f}%" for op, v in list(share.items())[:4])
+        lines.append(f"ort-fp32 decoder kernel time by operator (text batch): {top}")
     for target, value in report["targets"].items():
         lines.append(f"target {target}: {value}")
     return lines
