@@ -167,6 +167,30 @@ def precision_at_1(encoders: dict[str, Any], work: Path, quick: bool) -> dict:
     return out
 
 
+def padded_tokens(engine: Any, sets: list[list]) -> dict[str, int]:
+    """Decoder tokens per input set, summed: real ones, and padded as eager batches them (input order, one
+    batch of THROUGHPUT_BATCH) and as the engine's batcher does (by length, split where padding costs more
+    than a call). The throughput ratios include this difference, which is the engine's batcher's doing."""
+    from vlm2vec_rt.engine.runtime import DEFAULT_MAX_TOKENS
+    from vlm2vec_rt.preprocess.batching import token_budget_batches
+
+    out = {"real": 0, "eager": 0, "engine": 0}
+    for items in sets:
+        lengths = np.array([len(ids) for ids, _ in engine.pre.prepare_many(items)])
+        out["real"] += int(lengths.sum())
+        for start in range(0, len(lengths), THROUGHPUT_BATCH):
+            part = lengths[start : start + THROUGHPUT_BATCH]
+            out["eager"] += int(part.max() * len(part))
+        for idx in token_budget_batches(
+            lengths,
+            max_tokens=DEFAULT_MAX_TOKENS,
+            max_batch=THROUGHPUT_BATCH,
+            call_cost_tokens=engine.call_cost_tokens,
+        ):
+            out["engine"] += int(lengths[idx].max() * len(idx))
+    return out
+
+
 # ---- main -----------------------------------------------------------------------------------------------
 def decoder_op_share(engine: Any, items: list, runs: int = 5) -> dict[str, float]:
     """Share of the decoder graph's kernel time per operator type (onnxruntime's profiler), on one batch of
@@ -283,6 +307,9 @@ def main(
                     ),
                 }
 
+        engine = next((timed[n] for n in timed if n != "eager"), None)
+        padding = {wl: padded_tokens(engine, sets) for wl, sets in workloads.items()} if engine else {}
+
         # Where the fp32 decoder's time goes: the ceiling the engine can reach without doing less work.
         op_share = {}
         if "ort-fp32" in timed:
@@ -324,6 +351,7 @@ def main(
         "correctness_min_cosine_vs_eager": correctness,
         **results,
         "ratios": ratios,
+        "decoder_tokens": padding,
         "ort_fp32_decoder_op_share": op_share,
         "precision_at_1": p_at_1,
         "targets": targets,
@@ -348,6 +376,11 @@ def summary(report: dict) -> list[str]:
                 f"({tp[name]['median_items_per_s'] / base:.2f}x eager), batch-1 p50 {lat[name]['median_ms']:.1f} ms, "
                 f"p99 {lat[name]['p99_ms']:.1f} ms"
             )
+    for wl, tokens in (report.get("decoder_tokens") or {}).items():
+        lines.append(
+            f"{wl}: decoder tokens {tokens['real']} real; padded {tokens['eager']} in eager's batches, "
+            f"{tokens['engine']} in the engine's"
+        )
     share = report.get("ort_fp32_decoder_op_share") or {}
     if share:
         top = ", ".join(f"{op} {100 * v:.0f}%" for op, v in list(share.items())[:4])

@@ -3,6 +3,7 @@ the parity gate's arithmetic, the AOTInductor build's device handling, the atomi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlm2vec_rt import EngineError, Item
+from vlm2vec_rt import EngineError, InputError, Item
 from vlm2vec_rt.engine.export import graph_specs
 from vlm2vec_rt.engine.host import (
     HOSTS,
@@ -161,8 +162,49 @@ def test_token_budget_batches_cover_and_respect_limits(lengths, max_tokens, max_
     assert ordered == sorted(ordered, reverse=True)  # longest first
 
 
+def _plan_cost(lengths, batches, call_cost):
+    return sum(len(b) * max(max(lengths[i] for i in b), 1) + call_cost for b in batches)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 80), min_size=1, max_size=9),
+    max_tokens=st.integers(1, 300),
+    max_batch=st.integers(1, 9),
+    call_cost=st.integers(0, 200),
+)
+def test_token_budget_batches_least_work(lengths, max_tokens, max_batch, call_cost):
+    """The plan's padded tokens + call costs equal the best of every split of the length-sorted items."""
+    batches = token_budget_batches(
+        lengths, max_tokens=max_tokens, max_batch=max_batch, call_cost_tokens=call_cost
+    )
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = float("inf")
+    for cuts in itertools.product([False, True], repeat=len(order) - 1):  # every split into runs
+        runs, start = [], 0
+        for k, cut in enumerate([*cuts, True]):
+            if cut:
+                runs.append(order[start : k + 1])
+                start = k + 1
+        longest = [max(max(lengths[i] for i in r), 1) for r in runs]
+        if all(
+            len(r) <= max_batch and (len(r) == 1 or len(r) * m <= max_tokens) for r, m in zip(runs, longest)
+        ):
+            best = min(best, _plan_cost(lengths, runs, call_cost))
+    assert _plan_cost(lengths, batches, call_cost) == best
+
+
+def test_token_budget_batches_split_by_call_cost():
+    lengths = [60, 12, 58, 10, 61, 11]
+    one = token_budget_batches(lengths, max_tokens=8192, max_batch=8, call_cost_tokens=10_000)
+    assert [sorted(b.tolist()) for b in one] == [[0, 1, 2, 3, 4, 5]]  # a call dearer than all the padding
+    two = token_budget_batches(lengths, max_tokens=8192, max_batch=8, call_cost_tokens=32)
+    assert [sorted(b.tolist()) for b in two] == [[0, 2, 4], [1, 3, 5]]
+    with pytest.raises(InputError, match="call_cost_tokens"):
+        token_budget_batches(lengths, max_tokens=10, max_batch=4, call_cost_tokens=-1)
+
+
 def test_token_budget_batches_bad_limits():
-    from vlm2vec_rt import InputError
 
     with pytest.raises(InputError, match="max_batch"):
         token_budget_batches([1, 2], max_tokens=10, max_batch=0)

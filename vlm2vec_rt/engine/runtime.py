@@ -1,7 +1,7 @@
 """`Engine`: embeddings from a built engine directory, with the Embedder's `encode` contract.
 
     items --Preprocessor (worker thread, one window ahead)--> token ids + pixels
-          --token-budget batches (longest first)--> vision graph --host: pack, embed, positions--> decoder graph
+          --token-budget batches (by length, split where padding costs more than a call)--> vision graph --host: pack, embed, positions--> decoder graph
           --> float32 [N, D] unit rows, in input order
 
 The full torch model is never loaded: the graphs run in the backend (onnxruntime, TensorRT, AOTInductor),
@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import EngineError, InputError
 from ..models.preprocessors import NumpyBatch, load_preprocessor
-from ..preprocess.batching import prepare_ahead, token_budget_batches
+from ..preprocess.batching import CALL_COST_TOKENS, prepare_ahead, token_budget_batches
 from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
 from ..progress import progress_bar
@@ -51,6 +51,10 @@ class Engine:
         self.runner = runner
         self.device = device
         self.max_batch = int(manifest.get("limits", {}).get("max_batch") or 1 << 30)
+        # How the batcher weighs one more decoder call against padding (preprocess/batching.py). A GPU
+        # runs a small batch in about the time of a full one, so there a call is worth a whole token
+        # budget: only what saves more padding than that is split off. (The GPU value is not measured.)
+        self.call_cost_tokens = CALL_COST_TOKENS if device == "cpu" else DEFAULT_MAX_TOKENS
 
     @classmethod
     def load(
@@ -150,7 +154,8 @@ class Engine:
         """Embed items (Item, str for text, PIL.Image for an image) -> float32 [N, dim], unit-norm rows.
 
         Items are batched by length (at most batch_size items and max_tokens padded tokens per decoder
-        call); the next window of items is preprocessed on a worker thread while the model runs.
+        call, split into smaller batches where that saves more padding than a call costs); the next
+        window of items is preprocessed on a worker thread while the model runs.
         """
         if self.runner is None:
             raise EngineError(f"engine {os.fspath(self.path)!r} is closed")
@@ -167,7 +172,10 @@ class Engine:
             for start, prepared in windows:
                 lengths = [len(ids) for ids, _ in prepared]
                 for idx in token_budget_batches(
-                    lengths, max_tokens=max_tokens, max_batch=min(batch_size, self.max_batch)
+                    lengths,
+                    max_tokens=max_tokens,
+                    max_batch=min(batch_size, self.max_batch),
+                    call_cost_tokens=self.call_cost_tokens,
                 ):
                     out[start + idx] = self.run_batch(self.pre.collate([prepared[i] for i in idx]))
                     bar.update(len(idx))
