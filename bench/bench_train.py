@@ -189,15 +189,48 @@ def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     plain: forward + backward of each side whole; nograd_chunks: GradCache's first pass alone (forward of
     each side in chunks, no graph); grad_chunks: forward + backward in chunks (its last pass, without the
     loss in between); gradcache and gradcache_no_dropout: whole steps, LoRA dropout on and off (the masks
-    are drawn in both passes).
+    are drawn in both passes); *_torch_dropout: plain and GradCache with torch's nn.Dropout in the LoRA
+    slots instead of SeededDropout (what the adapters had before it).
+    A step re-encodes what plain training encodes once, so GradCache / plain >= 1 + nograd / plain whatever
+    the chunking costs: `ratio_floor` is that bound.
     """
+    import contextlib
+
     import torch
 
     from vlm2vec_rt.training import grad_cache_step
+    from vlm2vec_rt.training.dropout import SeededDropout
 
     bb, _ = _setup(cfg)
     encode = encoder(bb)
-    dropouts = {m: m.p for m in bb.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    dropouts = {
+        m: m.p for m in bb.model.modules() if isinstance(m, torch.nn.Dropout | SeededDropout) and m.p > 0
+    }
+    slots = [
+        (m.lora_dropout, name)
+        for m in bb.model.modules()
+        if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+        for name, d in m.lora_dropout.items()
+        if isinstance(d, SeededDropout)
+    ]
+
+    @contextlib.contextmanager
+    def torch_dropout():
+        ours = [slot[name] for slot, name in slots]
+        for (slot, name), d in zip(slots, ours):
+            slot[name] = torch.nn.Dropout(d.p)
+        try:
+            yield
+        finally:
+            for (slot, name), d in zip(slots, ours):
+                slot[name] = d
+
+    def with_torch_dropout(fn):
+        def run(q, t):
+            with torch_dropout():
+                fn(q, t)
+
+        return run
 
     def chunks(items):
         return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
@@ -226,6 +259,8 @@ def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "grad_chunks": lambda q, t: forward_backward(chunks(q) + chunks(t)),
         "gradcache": lambda q, t: gradcache(q, t, True),
         "gradcache_no_dropout": lambda q, t: gradcache(q, t, False),
+        "plain_torch_dropout": with_torch_dropout(lambda q, t: forward_backward([q, t])),
+        "gradcache_torch_dropout": with_torch_dropout(lambda q, t: gradcache(q, t, True)),
     }
     warm = make_inputs(16, seed=999)
     for fn in parts.values():
@@ -246,6 +281,14 @@ def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "first_pass_over_plain": medians["nograd_chunks"] / plain,
         "chunked_over_whole_forward_backward": medians["grad_chunks"] / plain,
         "dropout_share_of_gradcache": 1 - medians["gradcache_no_dropout"] / medians["gradcache"],
+        "ratio_floor": 1 + medians["nograd_chunks"] / plain,
+        "gradcache_over_plain": medians["gradcache"] / plain,
+        "torch_dropout_gradcache_over_plain": medians["gradcache_torch_dropout"]
+        / medians["plain_torch_dropout"],
+        "seeded_dropout_speedup": {
+            "plain": medians["plain_torch_dropout"] / plain,
+            "gradcache": medians["gradcache_torch_dropout"] / medians["gradcache"],
+        },
     }
 
 
@@ -370,7 +413,10 @@ def main(
             print(
                 f"breakdown batch {batches[0]}: first pass {breakdown['first_pass_over_plain']:.2f}x plain "
                 f"forward+backward, chunked forward+backward {breakdown['chunked_over_whole_forward_backward']:.2f}x whole, "
-                f"dropout {100 * breakdown['dropout_share_of_gradcache']:.0f}% of a GradCache step",
+                f"dropout {100 * breakdown['dropout_share_of_gradcache']:.0f}% of a GradCache step; "
+                f"ratio floor {breakdown['ratio_floor']:.2f}; SeededDropout speeds plain "
+                f"{breakdown['seeded_dropout_speedup']['plain']:.2f}x, GradCache "
+                f"{breakdown['seeded_dropout_speedup']['gradcache']:.2f}x",
                 flush=True,
             )
 
@@ -378,7 +424,7 @@ def main(
     report = {
         "config": {
             "model": {"backbone": "qwen2_vl", **MODEL},
-            "adapter": "LoRA r=16 on the language model, dropout 0.1",
+            "adapter": "LoRA r=16 on the language model, dropout 0.1 (SeededDropout)",
             "chunk": CHUNK,
             "batches": list(batches),
             "repeats": repeats,
@@ -433,6 +479,14 @@ def summary(report: dict) -> list[str]:
             f"{b['chunked_over_whole_forward_backward']:.2f}x the whole batch's; LoRA dropout (drawn in both "
             f"passes) is {100 * b['dropout_share_of_gradcache']:.0f}% of a GradCache step"
         )
+        if "ratio_floor" in b:
+            speed = b["seeded_dropout_speedup"]
+            lines.append(
+                f"GradCache / plain cannot go below 1 + first pass / plain = {b['ratio_floor']:.2f}x at batch "
+                f"{b['batch']} (the first pass is extra work whatever the chunking); SeededDropout (LoRA "
+                f"dropout) made steps {speed['plain']:.2f}x (plain) and {speed['gradcache']:.2f}x (GradCache) "
+                "faster than torch's nn.Dropout"
+            )
     return lines
 
 
