@@ -65,6 +65,27 @@ def test_same_state_same_mask_and_calls_differ():
     assert not torch.equal(a, b)  # each call draws its own seed
 
 
+@pytest.mark.parametrize("p", [2.0**-18, 1 - 2.0**-18])
+def test_p_beyond_16_bits_falls_back_to_torch(p):
+    x = torch.randn(2, 3, 50)
+    state = torch.get_rng_state()
+    out = SeededDropout(p).train()(x)
+    torch.set_rng_state(state)
+    assert torch.equal(out, nn.functional.dropout(x, p, training=True))
+    with pytest.raises(ValueError, match="outside"):
+        keep_mask(x.shape, p)
+
+
+def test_compiles_with_a_graph_break():
+    drop = torch.compile(SeededDropout(0.3).train(), backend="eager")
+    x = torch.randn(4, 5, 6)
+    state = torch.get_rng_state()
+    out = drop(x)
+    torch.set_rng_state(state)
+    keep, scale = keep_mask(x.shape, 0.3)
+    assert torch.equal(out, x * keep * scale)
+
+
 def test_identity_when_off():
     x = torch.randn(3, 5)
     assert SeededDropout(0.5).eval()(x) is x

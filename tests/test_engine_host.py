@@ -163,7 +163,8 @@ def test_token_budget_batches_cover_and_respect_limits(lengths, max_tokens, max_
 
 
 def _plan_cost(lengths, batches, call_cost):
-    return sum(len(b) * max(max(lengths[i] for i in b), 1) + call_cost for b in batches)
+    """(padded tokens + call costs, calls): the batcher's objective, fewest calls breaking ties."""
+    return sum(len(b) * max(max(lengths[i] for i in b), 1) + call_cost for b in batches), len(batches)
 
 
 @settings(max_examples=200, deadline=None)
@@ -174,12 +175,13 @@ def _plan_cost(lengths, batches, call_cost):
     call_cost=st.integers(0, 200),
 )
 def test_token_budget_batches_least_work(lengths, max_tokens, max_batch, call_cost):
-    """The plan's padded tokens + call costs equal the best of every split of the length-sorted items."""
+    """The plan's padded tokens + call costs equal the best of every split of the length-sorted items, and
+    no plan of that cost has fewer batches."""
     batches = token_budget_batches(
         lengths, max_tokens=max_tokens, max_batch=max_batch, call_cost_tokens=call_cost
     )
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    best = float("inf")
+    best = (float("inf"), 0)
     for cuts in itertools.product([False, True], repeat=len(order) - 1):  # every split into runs
         runs, start = [], 0
         for k, cut in enumerate([*cuts, True]):

@@ -52,9 +52,9 @@ class Engine:
         self.device = device
         self.max_batch = int(manifest.get("limits", {}).get("max_batch") or 1 << 30)
         # How the batcher weighs one more decoder call against padding (preprocess/batching.py). A GPU
-        # runs a small batch in about the time of a full one, so there a call is worth a whole token
-        # budget: only what saves more padding than that is split off. (The GPU value is not measured.)
-        self.call_cost_tokens = CALL_COST_TOKENS if device == "cpu" else DEFAULT_MAX_TOKENS
+        # runs a small batch in about the time of a full one, so there (None) a call is worth a whole
+        # token budget: only what saves more padding than that is split off. (Not measured on a GPU.)
+        self.call_cost_tokens: int | None = CALL_COST_TOKENS if device == "cpu" else None
 
     @classmethod
     def load(
@@ -175,7 +175,7 @@ class Engine:
                     lengths,
                     max_tokens=max_tokens,
                     max_batch=min(batch_size, self.max_batch),
-                    call_cost_tokens=self.call_cost_tokens,
+                    call_cost_tokens=max_tokens if self.call_cost_tokens is None else self.call_cost_tokens,
                 ):
                     out[start + idx] = self.run_batch(self.pre.collate([prepared[i] for i in idx]))
                     bar.update(len(idx))
