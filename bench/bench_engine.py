@@ -184,7 +184,7 @@ def padded_tokens(engine: Any, sets: list[list]) -> dict[str, int]:
         for idx in token_budget_batches(
             lengths,
             max_tokens=DEFAULT_MAX_TOKENS,
-            max_batch=THROUGHPUT_BATCH,
+            max_batch=min(THROUGHPUT_BATCH, engine.max_batch),
             call_cost_tokens=engine.call_cost_tokens,
         ):
             out["engine"] += int(lengths[idx].max() * len(idx))
@@ -192,6 +192,40 @@ def padded_tokens(engine: Any, sets: list[list]) -> dict[str, int]:
 
 
 # ---- main -----------------------------------------------------------------------------------------------
+def decoder_alone(engine: Any, eager: Any, items: list, repeats: int = 5) -> dict[str, float]:
+    """The decoder graph alone against eager's decoder (EmbeddingHead) on one identical padded batch of the
+    items, A/B: how much of the engine's gain is its graph, without its batcher or host side."""
+    import torch
+
+    batch = engine.pre.collate(engine.pre.prepare_many(items))
+    feeds = {
+        "inputs_embeds": engine.host.inputs_embeds(batch.input_ids, []),
+        "attention_mask": batch.attention_mask,
+        "position_ids": engine.host.position_ids(batch),
+    }
+    tensors = [torch.from_numpy(feeds[k]) for k in ("inputs_embeds", "attention_mask", "position_ids")]
+    head = eager.backbone.head
+
+    def eager_decoder():
+        with torch.inference_mode():
+            return head(*tensors)
+
+    got, want = engine.runner.run("decoder", feeds), eager_decoder().numpy()
+    times = ab_times(
+        {"engine": lambda: engine.runner.run("decoder", feeds), "eager": eager_decoder},
+        repeats=repeats,
+        warmup=1,
+    )
+    med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
+    return {
+        "batch_shape": list(batch.input_ids.shape),
+        "min_cosine": round(min_cosine(got, want), 7),
+        "engine_ms": round(med["engine"], 2),
+        "eager_ms": round(med["eager"], 2),
+        "speedup": round(med["eager"] / med["engine"], 3),
+    }
+
+
 def decoder_op_share(engine: Any, items: list, runs: int = 5) -> dict[str, float]:
     """Share of the decoder graph's kernel time per operator type (onnxruntime's profiler), on one batch of
     items through a second session over the engine's own decoder file, with the engine's session options."""
@@ -311,9 +345,10 @@ def main(
         padding = {wl: padded_tokens(engine, sets) for wl, sets in workloads.items()} if engine else {}
 
         # Where the fp32 decoder's time goes: the ceiling the engine can reach without doing less work.
-        op_share = {}
+        op_share, same_batch = {}, {}
         if "ort-fp32" in timed:
             op_share = decoder_op_share(timed["ort-fp32"], workloads["text"][0])
+            same_batch = decoder_alone(timed["ort-fp32"], eager, workloads["text"][0])
 
         p_at_1 = {}
         if eval:
@@ -353,6 +388,7 @@ def main(
         "ratios": ratios,
         "decoder_tokens": padding,
         "ort_fp32_decoder_op_share": op_share,
+        "ort_fp32_decoder_same_batch": same_batch,
         "precision_at_1": p_at_1,
         "targets": targets,
         "notes": notes,
@@ -385,6 +421,12 @@ def summary(report: dict) -> list[str]:
     if share:
         top = ", ".join(f"{op} {100 * v:.0f}%" for op, v in list(share.items())[:4])
         lines.append(f"ort-fp32 decoder kernel time by operator (text batch): {top}")
+    same = report.get("ort_fp32_decoder_same_batch") or {}
+    if same:
+        lines.append(
+            f"ort-fp32 decoder graph alone vs eager's decoder on one identical text batch {same['batch_shape']}: "
+            f"{same['engine_ms']:.1f} vs {same['eager_ms']:.1f} ms ({same['speedup']:.2f}x)"
+        )
     for target, value in report["targets"].items():
         lines.append(f"target {target}: {value}")
     return lines

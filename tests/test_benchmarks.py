@@ -84,6 +84,16 @@ def test_one_benchmark_refreshes_its_section_and_keeps_the_others(bench_folder, 
     assert summary.index("## good") < summary.index("## wrong")  # the order of BENCHMARKS
 
 
+def test_summary_only_runs_nothing(bench_folder, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "good.json").write_text('{"failures": [], "ratio": 4.0}')  # the script was run on its own
+    assert benchmarks.run_benchmarks("summary", out) == 0
+    summary = (out / "SUMMARY.md").read_text()
+    assert "## good (earlier run, " in summary and "good: 4.0x eager" in summary
+    assert "broken" not in summary and not (out / "wrong.json").exists()  # nothing ran
+
+
 def test_unknown_benchmark_is_an_input_error(bench_folder, tmp_path):
     with pytest.raises(InputError, match="unknown benchmark 'nope'"):
         benchmarks.run_benchmarks("nope", tmp_path)

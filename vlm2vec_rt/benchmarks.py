@@ -52,9 +52,10 @@ def run_benchmarks(which: str = "all", out_dir: str | os.PathLike = "bench/resul
 
     SUMMARY.md covers every benchmark with results in out_dir: the ones run now, and (marked as such, with
     their date) those of an earlier run that this one did not repeat, so rerunning one benchmark refreshes
-    its section without losing the others'.
+    its section without losing the others'. which="summary" runs nothing and only rewrites SUMMARY.md (after
+    scripts were run on their own).
     """
-    names = BENCHMARKS if which == "all" else (which,)
+    names = () if which == "summary" else BENCHMARKS if which == "all" else (which,)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise InputError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)} or all")

@@ -275,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks against eager PyTorch (JSON + PNG)")
     p.add_argument(
-        "which", nargs="?", default="all", choices=["tiling", "engine", "kernels", "train", "eval", "all"]
+        "which",
+        nargs="?",
+        default="all",
+        choices=["tiling", "engine", "kernels", "train", "eval", "all", "summary"],
+        help="one benchmark, all, or summary (only rewrite SUMMARY.md from the results in --out)",
     )
     p.add_argument("--out", metavar="DIR", default="bench/results")
     p.set_defaults(func=cmd_bench)
