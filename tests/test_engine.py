@@ -212,11 +212,11 @@ def _prep_threads() -> set[threading.Thread]:
 def test_failing_model_step_releases_the_worker_and_the_bar(engine_dirs, monkeypatch):
     """When the model step raises, the prepare-ahead worker is shut down and the progress bar closed at
     once, even while the traceback (which keeps encode's frame) is still held."""
-    from vlm2vec_rt.engine import runtime
+    from vlm2vec_rt.preprocess import batching
 
     engine = Engine.load(engine_dirs("llava_fp32"))
     closed = []
-    real_bar = runtime.progress_bar
+    real_bar = batching.progress_bar
 
     def spy_bar(*args, **kwargs):
         bar = real_bar(*args, **kwargs)
@@ -227,7 +227,7 @@ def test_failing_model_step_releases_the_worker_and_the_bar(engine_dirs, monkeyp
     def broken_step(batch):
         raise RuntimeError("model step failed")
 
-    monkeypatch.setattr(runtime, "progress_bar", spy_bar)
+    monkeypatch.setattr(batching, "progress_bar", spy_bar)
     monkeypatch.setattr(engine, "run_batch", broken_step)
     before = _prep_threads()
     with pytest.raises(RuntimeError, match="model step failed") as excinfo:

@@ -10,7 +10,6 @@ the host side needs only the embedding table, image_newline and the config (engi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -21,17 +20,14 @@ import numpy as np
 
 from ..errors import EngineError, InputError
 from ..models.preprocessors import NumpyBatch, load_preprocessor
-from ..preprocess.batching import CALL_COST_TOKENS, prepare_ahead, token_budget_batches
+from ..preprocess.batching import DEFAULT_MAX_TOKENS, call_cost_tokens, encode_by_length
 from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
-from ..progress import progress_bar
 from .backends import require
 from .host import HOSTS
 from .manifest import MANIFEST, read_manifest, verify_files
 
 PREPROCESSOR_DIR = "preprocessor"
-DEFAULT_MAX_TOKENS = 8192  # padded tokens per decoder call: bounds activation memory, not batch count
-_WINDOW_BATCHES = 4  # items are prepared, sorted and batched a window of batch_size x this at a time
 
 
 class Engine:
@@ -51,10 +47,6 @@ class Engine:
         self.runner = runner
         self.device = device
         self.max_batch = int(manifest.get("limits", {}).get("max_batch") or 1 << 30)
-        # How the batcher weighs one more decoder call against padding (preprocess/batching.py). A GPU
-        # runs a small batch in about the time of a full one, so there (None) a call is worth a whole
-        # token budget: only what saves more padding than that is split off. (Not measured on a GPU.)
-        self.call_cost_tokens: int | None = CALL_COST_TOKENS if device == "cpu" else None
 
     @classmethod
     def load(
@@ -159,27 +151,16 @@ class Engine:
         """
         if self.runner is None:
             raise EngineError(f"engine {os.fspath(self.path)!r} is closed")
-        items = as_items(items)
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        # closing(): when the model step raises, the prepare-ahead worker is shut down here, not left to
-        # the garbage collector; the bar is closed on every exit
-        with (
-            progress_bar(len(items), enabled=progress, desc="encode") as bar,
-            contextlib.closing(prepare_ahead(self.pre, items, batch_size * _WINDOW_BATCHES)) as windows,
-        ):
-            for start, prepared in windows:
-                lengths = [len(ids) for ids, _ in prepared]
-                for idx in token_budget_batches(
-                    lengths,
-                    max_tokens=max_tokens,
-                    max_batch=min(batch_size, self.max_batch),
-                    call_cost_tokens=max_tokens if self.call_cost_tokens is None else self.call_cost_tokens,
-                ):
-                    out[start + idx] = self.run_batch(self.pre.collate([prepared[i] for i in idx]))
-                    bar.update(len(idx))
-        return out
+        return encode_by_length(
+            self.pre,
+            as_items(items),
+            self.run_batch,
+            dim=self.dim,
+            batch_size=min(batch_size, self.max_batch),
+            max_tokens=max_tokens,
+            call_cost=call_cost_tokens(self.device, max_tokens),
+            progress=progress,
+        )
 
     def run_batch(self, batch: NumpyBatch) -> np.ndarray:
         """One collated batch through vision graph, host side and decoder graph -> [B, dim] float32."""

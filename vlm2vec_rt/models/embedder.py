@@ -12,10 +12,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..preprocess.batching import prepare_ahead
+from ..preprocess.batching import DEFAULT_MAX_TOKENS, call_cost_tokens, encode_by_length
 from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
-from ..progress import progress_bar
 from .backbones import Backbone, load_backbone
 from .preprocessors import Prepared, quiet_transformers
 
@@ -83,23 +82,30 @@ class Embedder:
 
     @torch.inference_mode()
     def encode(
-        self, items: Sequence[Item | str | Any], *, batch_size: int = 16, progress: bool = False
+        self,
+        items: Sequence[Item | str | Any],
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> np.ndarray:
         """Embed items (Item, str for text, PIL.Image for an image) -> float32 [N, dim], unit-norm rows.
 
-        The next batch is preprocessed on a worker thread while the model runs the current one.
+        Items are batched by length (at most batch_size items and max_tokens padded tokens per model call,
+        split into smaller batches where that saves more padding than a call costs); the next window of
+        items is preprocessed on a worker thread while the model runs.
         """
-        items = as_items(items)
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        bar = progress_bar(len(items), enabled=progress, desc="encode")
-        for start, prepared in prepare_ahead(self.pre, items, batch_size):
-            batch = self.backbone.to_device(self.pre.collate(prepared))
-            out[start : start + len(prepared)] = self.backbone.forward(batch).cpu().numpy()
-            bar.update(len(prepared))
-        bar.close()
-        return out
+        backbone = self.backbone
+        return encode_by_length(
+            self.pre,
+            as_items(items),
+            lambda batch: backbone.forward(backbone.to_device(batch)).cpu().numpy(),
+            dim=self.dim,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            call_cost=call_cost_tokens(backbone.device.type, max_tokens),
+            progress=progress,
+        )
 
 
 def apply_adapter(backbone: Backbone, adapter: str | os.PathLike) -> None:

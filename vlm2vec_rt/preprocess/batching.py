@@ -7,13 +7,18 @@ writes each batch's results back at the indices it was given, so results come ba
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from ..progress import progress_bar
+
+DEFAULT_MAX_TOKENS = 8192  # padded tokens per model call: bounds activation memory, not batch count
+WINDOW_BATCHES = 4  # items are prepared, sorted and batched a window of batch_size x this at a time
 
 # What one more model call costs, in padded tokens' worth of work. On 2 CPU cores an ORT decoder call
 # costs about as much as 16-64 tokens (bench/bench_engine.py's text batches ran fastest in that range,
@@ -92,3 +97,47 @@ def prepare_ahead(pre: Any, items: Sequence[Any], window: int) -> Iterator[tuple
                 nxt = starts[k + 1]
                 future = pool.submit(pre.prepare_many, items[nxt : nxt + window], nxt)
             yield start, prepared
+
+
+def call_cost_tokens(device: str, max_tokens: int) -> int:
+    """The batcher's cost of one more model call on `device`: CALL_COST_TOKENS on a CPU; on a GPU, which runs
+    a small batch in about the time of a full one, a whole token budget (only what saves more padding than
+    that is split off; not measured on a GPU)."""
+    return CALL_COST_TOKENS if str(device).startswith("cpu") else max_tokens
+
+
+def encode_by_length(
+    pre: Any,
+    items: Sequence[Any],
+    run_batch: Callable[[Any], np.ndarray],
+    *,
+    dim: int,
+    batch_size: int,
+    max_tokens: int,
+    call_cost: int,
+    progress: bool,
+) -> np.ndarray:
+    """The encode loop of Embedder and Engine -> float32 [N, dim] in input order.
+
+    Windows of batch_size x WINDOW_BATCHES items are preprocessed one ahead on a worker thread
+    (`prepare_ahead`), each window is split by `token_budget_batches`, and run_batch(pre.collate(...))
+    computes a batch's [B, dim] rows.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    out = np.empty((len(items), dim), dtype=np.float32)
+    # closing(): when the model step raises, the prepare-ahead worker is shut down here, not left to the
+    # garbage collector; the bar is closed on every exit
+    with (
+        progress_bar(len(items), enabled=progress, desc="encode") as bar,
+        contextlib.closing(prepare_ahead(pre, items, batch_size * WINDOW_BATCHES)) as windows,
+    ):
+        for start, prepared in windows:
+            lengths = [len(ids) for ids, _ in prepared]
+            plan = token_budget_batches(
+                lengths, max_tokens=max_tokens, max_batch=batch_size, call_cost_tokens=call_cost
+            )
+            for idx in plan:
+                out[start + idx] = run_batch(pre.collate([prepared[i] for i in idx]))
+                bar.update(len(idx))
+    return out
