@@ -123,6 +123,58 @@ def test_bad_image_in_a_batch_names_the_item(emb, tmp_path, photos):
     items = [Item(text="fine"), Item(image=photos["coins"]), Item(image=bad)]
     with pytest.raises(InputError, match=r"item 2: .*broken\.jpg"):
         emb.encode(items, batch_size=2)
+    items = [Item(text=f"fine {k}") for k in range(5)] + [Item(image=bad)]  # in a later window
+    with pytest.raises(InputError, match=r"item 5: .*broken\.jpg"):
+        emb.encode(items, batch_size=1)
+
+
+def test_failing_model_step_releases_the_worker_and_the_bar(emb, monkeypatch):
+    """When the model raises, the prepare-ahead worker is shut down and the progress bar closed at once."""
+    import threading
+
+    from vlm2vec_rt.preprocess import batching
+
+    closed = []
+    real_bar = batching.progress_bar
+
+    def spy_bar(*args, **kwargs):
+        bar = real_bar(*args, **kwargs)
+        real_close = bar.close
+        bar.close = lambda: (closed.append(True), real_close())
+        return bar
+
+    def prep_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("vlm2vec-prep")}
+
+    def broken_forward(batch):
+        raise RuntimeError("model step failed")
+
+    monkeypatch.setattr(batching, "progress_bar", spy_bar)
+    monkeypatch.setattr(emb.backbone, "forward", broken_forward)
+    before = prep_threads()
+    with pytest.raises(RuntimeError, match="model step failed") as excinfo:
+        emb.encode([f"text {k}" for k in range(9)], batch_size=2)  # several windows
+    assert excinfo.traceback  # still held here
+    assert not (prep_threads() - before)
+    assert closed
+
+
+def test_max_tokens_caps_a_call(emb, monkeypatch):
+    """No token cap by default (a call holds up to batch_size items); max_tokens bounds padded tokens a call."""
+    items = [f"word {'x ' * k}" for k in range(12)]
+    sizes, real = [], emb.backbone.forward
+
+    def counting_forward(batch):
+        sizes.append(tuple(batch.input_ids.shape))
+        return real(batch)
+
+    monkeypatch.setattr(emb.backbone, "forward", counting_forward)
+    want = emb.encode(items, batch_size=12)
+    assert sum(b for b, _ in sizes) == 12
+    sizes.clear()
+    got = emb.encode(items, batch_size=12, max_tokens=40)
+    assert all(b == 1 or b * s <= 40 for b, s in sizes) and sum(b for b, _ in sizes) == 12
+    assert (got * want).sum(1).min() >= 0.99999
 
 
 def test_unsupported_model_directories(tmp_path):

@@ -156,7 +156,9 @@ class Engine:
             as_items(items),
             self.run_batch,
             dim=self.dim,
-            batch_size=min(batch_size, self.max_batch),
+            batch_size=min(
+                batch_size, self.max_batch
+            ),  # a TensorRT plan's largest batch bounds the window too
             max_tokens=max_tokens,
             call_cost=call_cost_tokens(self.device, max_tokens),
             progress=progress,

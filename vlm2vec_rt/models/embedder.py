@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..preprocess.batching import DEFAULT_MAX_TOKENS, call_cost_tokens, encode_by_length
+from ..preprocess.batching import call_cost_tokens, encode_by_length
 from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item, as_items
 from .backbones import Backbone, load_backbone
@@ -87,13 +87,13 @@ class Embedder:
         *,
         batch_size: int = 16,
         progress: bool = False,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_tokens: int | None = None,
     ) -> np.ndarray:
         """Embed items (Item, str for text, PIL.Image for an image) -> float32 [N, dim], unit-norm rows.
 
-        Items are batched by length (at most batch_size items and max_tokens padded tokens per model call,
-        split into smaller batches where that saves more padding than a call costs); the next window of
-        items is preprocessed on a worker thread while the model runs.
+        Items are taken batch_size at a time, and each group is split by length into smaller batches
+        where that saves more padding than a model call costs (at most max_tokens padded tokens a call,
+        when given); the next group is preprocessed on a worker thread while the model runs.
         """
         backbone = self.backbone
         return encode_by_length(
@@ -105,6 +105,9 @@ class Embedder:
             max_tokens=max_tokens,
             call_cost=call_cost_tokens(backbone.device.type, max_tokens),
             progress=progress,
+            # one batch of prepared items at a time, as before it batched by length: 1344x1344 images hold
+            # 23 MB of pixels each (LLaVA-NeXT, 17 views), and the engines' wider windows would hold 4x that
+            window_batches=1,
         )
 
 

@@ -99,11 +99,13 @@ def prepare_ahead(pre: Any, items: Sequence[Any], window: int) -> Iterator[tuple
             yield start, prepared
 
 
-def call_cost_tokens(device: str, max_tokens: int) -> int:
+def call_cost_tokens(device: str, max_tokens: int | None) -> int:
     """The batcher's cost of one more model call on `device`: CALL_COST_TOKENS on a CPU; on a GPU, which runs
-    a small batch in about the time of a full one, a whole token budget (only what saves more padding than
-    that is split off; not measured on a GPU)."""
-    return CALL_COST_TOKENS if str(device).startswith("cpu") else max_tokens
+    a small batch in about the time of a full one, a whole token budget (DEFAULT_MAX_TOKENS without a cap):
+    only what saves more padding than that is split off (not measured on a GPU)."""
+    if str(device).startswith("cpu"):
+        return CALL_COST_TOKENS
+    return DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
 
 
 def encode_by_length(
@@ -113,29 +115,32 @@ def encode_by_length(
     *,
     dim: int,
     batch_size: int,
-    max_tokens: int,
+    max_tokens: int | None,
     call_cost: int,
     progress: bool,
+    window_batches: int = WINDOW_BATCHES,
 ) -> np.ndarray:
     """The encode loop of Embedder and Engine -> float32 [N, dim] in input order.
 
-    Windows of batch_size x WINDOW_BATCHES items are preprocessed one ahead on a worker thread
-    (`prepare_ahead`), each window is split by `token_budget_batches`, and run_batch(pre.collate(...))
-    computes a batch's [B, dim] rows.
+    Windows of batch_size x window_batches items are preprocessed one ahead on a worker thread
+    (`prepare_ahead`; two windows of prepared pixels are held at once, so this bounds host memory), each
+    window is split by `token_budget_batches` (max_tokens None: no token cap), and
+    run_batch(pre.collate(...)) computes a batch's [B, dim] rows.
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    budget = int(np.iinfo(np.int64).max) if max_tokens is None else max_tokens
     out = np.empty((len(items), dim), dtype=np.float32)
     # closing(): when the model step raises, the prepare-ahead worker is shut down here, not left to the
     # garbage collector; the bar is closed on every exit
     with (
         progress_bar(len(items), enabled=progress, desc="encode") as bar,
-        contextlib.closing(prepare_ahead(pre, items, batch_size * WINDOW_BATCHES)) as windows,
+        contextlib.closing(prepare_ahead(pre, items, batch_size * window_batches)) as windows,
     ):
         for start, prepared in windows:
             lengths = [len(ids) for ids, _ in prepared]
             plan = token_budget_batches(
-                lengths, max_tokens=max_tokens, max_batch=batch_size, call_cost_tokens=call_cost
+                lengths, max_tokens=budget, max_batch=batch_size, call_cost_tokens=call_cost
             )
             for idx in plan:
                 out[start + idx] = run_batch(pre.collate([prepared[i] for i in idx]))
