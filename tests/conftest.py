@@ -42,3 +42,37 @@ def photos() -> dict[str, np.ndarray]:
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture()
+def assert_encode_cleans_up(monkeypatch):
+    """check(encode_call): encode_call (an Embedder's or Engine's encode whose model step raises
+    RuntimeError("model step failed")) must leave no prepare-ahead worker and a closed progress bar, even
+    while the traceback (which keeps encode's frame) is still held."""
+    import threading
+
+    from vlm2vec_rt.preprocess import batching
+
+    closed = []
+    real_bar = batching.progress_bar
+
+    def spy_bar(*args, **kwargs):
+        bar = real_bar(*args, **kwargs)
+        real_close = bar.close
+        bar.close = lambda: (closed.append(True), real_close())
+        return bar
+
+    def prep_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("vlm2vec-prep")}
+
+    monkeypatch.setattr(batching, "progress_bar", spy_bar)
+
+    def check(encode_call) -> None:
+        before = prep_threads()
+        with pytest.raises(RuntimeError, match="model step failed") as excinfo:
+            encode_call()
+        assert excinfo.traceback  # still held here
+        assert not (prep_threads() - before)
+        assert closed
+
+    return check

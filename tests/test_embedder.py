@@ -128,35 +128,14 @@ def test_bad_image_in_a_batch_names_the_item(emb, tmp_path, photos):
         emb.encode(items, batch_size=1)
 
 
-def test_failing_model_step_releases_the_worker_and_the_bar(emb, monkeypatch):
+def test_failing_model_step_releases_the_worker_and_the_bar(emb, monkeypatch, assert_encode_cleans_up):
     """When the model raises, the prepare-ahead worker is shut down and the progress bar closed at once."""
-    import threading
-
-    from vlm2vec_rt.preprocess import batching
-
-    closed = []
-    real_bar = batching.progress_bar
-
-    def spy_bar(*args, **kwargs):
-        bar = real_bar(*args, **kwargs)
-        real_close = bar.close
-        bar.close = lambda: (closed.append(True), real_close())
-        return bar
-
-    def prep_threads():
-        return {t for t in threading.enumerate() if t.name.startswith("vlm2vec-prep")}
 
     def broken_forward(batch):
         raise RuntimeError("model step failed")
 
-    monkeypatch.setattr(batching, "progress_bar", spy_bar)
     monkeypatch.setattr(emb.backbone, "forward", broken_forward)
-    before = prep_threads()
-    with pytest.raises(RuntimeError, match="model step failed") as excinfo:
-        emb.encode([f"text {k}" for k in range(9)], batch_size=2)  # several windows
-    assert excinfo.traceback  # still held here
-    assert not (prep_threads() - before)
-    assert closed
+    assert_encode_cleans_up(lambda: emb.encode([f"text {k}" for k in range(9)], batch_size=2))
 
 
 def test_max_tokens_caps_a_call(emb, monkeypatch):

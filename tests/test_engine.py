@@ -205,36 +205,17 @@ def test_close_from_another_thread_during_encode(graph, engine_dirs, photos):
         engine.encode(["x"])
 
 
-def _prep_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("vlm2vec-prep")}
-
-
-def test_failing_model_step_releases_the_worker_and_the_bar(engine_dirs, monkeypatch):
-    """When the model step raises, the prepare-ahead worker is shut down and the progress bar closed at
-    once, even while the traceback (which keeps encode's frame) is still held."""
-    from vlm2vec_rt.preprocess import batching
-
+def test_failing_model_step_releases_the_worker_and_the_bar(
+    engine_dirs, monkeypatch, assert_encode_cleans_up
+):
+    """When the model step raises, the prepare-ahead worker is shut down and the progress bar closed at once."""
     engine = Engine.load(engine_dirs("llava_fp32"))
-    closed = []
-    real_bar = batching.progress_bar
-
-    def spy_bar(*args, **kwargs):
-        bar = real_bar(*args, **kwargs)
-        real_close = bar.close
-        bar.close = lambda: (closed.append(True), real_close())
-        return bar
 
     def broken_step(batch):
         raise RuntimeError("model step failed")
 
-    monkeypatch.setattr(batching, "progress_bar", spy_bar)
     monkeypatch.setattr(engine, "run_batch", broken_step)
-    before = _prep_threads()
-    with pytest.raises(RuntimeError, match="model step failed") as excinfo:
-        engine.encode([f"text {k}" for k in range(20)], batch_size=2)  # several windows
-    assert excinfo.traceback  # still held here
-    assert not (_prep_threads() - before)
-    assert closed
+    assert_encode_cleans_up(lambda: engine.encode([f"text {k}" for k in range(20)], batch_size=2))
 
 
 # ---- load checks ---------------------------------------------------------------------------------------
