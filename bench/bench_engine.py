@@ -224,11 +224,7 @@ def decoder_alone(engine: Any, eager: Any, items: list, repeats: int = 5) -> dic
     import torch
 
     batch = engine.pre.collate(engine.pre.prepare_many(items))
-    feeds = {
-        "inputs_embeds": engine.host.inputs_embeds(batch.input_ids, []),
-        "attention_mask": batch.attention_mask,
-        "position_ids": engine.host.position_ids(batch),
-    }
+    feeds = engine.decoder_feeds(batch)
     tensors = [torch.from_numpy(feeds[k]) for k in ("inputs_embeds", "attention_mask", "position_ids")]
     head = eager.backbone.head
 
@@ -262,11 +258,7 @@ def decoder_op_share(engine: Any, items: list, runs: int = 5) -> dict[str, float
     from vlm2vec_rt.engine.ort import session_options
 
     batch = engine.pre.collate(engine.pre.prepare_many(items))
-    feeds = {
-        "inputs_embeds": engine.host.inputs_embeds(batch.input_ids, []),
-        "attention_mask": batch.attention_mask,
-        "position_ids": engine.host.position_ids(batch),
-    }
+    feeds = engine.decoder_feeds(batch)
     options = session_options()
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:

@@ -199,7 +199,7 @@ def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from vlm2vec_rt.training import grad_cache_step
-    from vlm2vec_rt.training.dropout import SeededDropout
+    from vlm2vec_rt.training.dropout import SeededDropout, lora_dropout_slots
 
     bb, _ = _setup(cfg)
     encode = encoder(bb)
@@ -207,11 +207,7 @@ def breakdown_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         m: m.p for m in bb.model.modules() if isinstance(m, torch.nn.Dropout | SeededDropout) and m.p > 0
     }
     slots = [
-        (m.lora_dropout, name)
-        for m in bb.model.modules()
-        if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
-        for name, d in m.lora_dropout.items()
-        if isinstance(d, SeededDropout)
+        (slot, name) for slot, name in lora_dropout_slots(bb.model) if isinstance(slot[name], SeededDropout)
     ]
 
     @contextlib.contextmanager

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlm2vec_rt.training.dropout import SeededDropout, keep_mask, use_seeded_dropout
+from vlm2vec_rt.training.dropout import SeededDropout, keep_mask, lora_dropout_slots, use_seeded_dropout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -101,12 +101,7 @@ def test_add_adapter_swaps_every_lora_dropout(tiny_llava):
     bb = load_backbone(tiny_llava)
     targets = target_modules(bb)
     model = add_adapter(bb, r=4, dropout=0.15)
-    slots = [
-        d
-        for m in model.modules()
-        if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)
-        for d in m.lora_dropout.values()
-    ]
+    slots = [slot[name] for slot, name in lora_dropout_slots(model)]
     assert len(slots) == len(targets)
     assert all(type(d) is SeededDropout and d.p == 0.15 for d in slots)
     assert use_seeded_dropout(model) == 0  # nothing left to swap

@@ -156,9 +156,8 @@ class Engine:
             as_items(items),
             self.run_batch,
             dim=self.dim,
-            batch_size=min(
-                batch_size, self.max_batch
-            ),  # a TensorRT plan's largest batch bounds the window too
+            # a TensorRT plan's largest batch bounds the batches, and so the window too
+            batch_size=min(batch_size, self.max_batch),
             max_tokens=max_tokens,
             call_cost=call_cost_tokens(self.device, max_tokens),
             progress=progress,
@@ -173,12 +172,17 @@ class Engine:
         if batch.pixel_values is not None:
             outputs = [runner.run("vision", feed) for feed in self.host.vision_feeds(batch)]
             features = self.host.pack(outputs, batch)
-        feeds = {
-            "inputs_embeds": self.host.inputs_embeds(batch.input_ids, features),
+        return runner.run("decoder", self.decoder_feeds(batch, features))
+
+    def decoder_feeds(
+        self, batch: NumpyBatch, features: list[np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The decoder graph's inputs for a collated batch and its images' packed features (host side)."""
+        return {
+            "inputs_embeds": self.host.inputs_embeds(batch.input_ids, features or []),
             "attention_mask": batch.attention_mask,
             "position_ids": self.host.position_ids(batch),
         }
-        return runner.run("decoder", feeds)
 
     def close(self) -> None:
         """Release the backend's sessions now (garbage collection does it otherwise); encode then fails

@@ -78,18 +78,25 @@ class SeededDropout(nn.Module):
         return f"p={self.p}"
 
 
+def lora_dropout_slots(model: nn.Module) -> list[tuple[nn.ModuleDict, str]]:
+    """Every (peft `lora_dropout` ModuleDict, adapter name) in the model: where LoRA dropout modules sit."""
+    return [
+        (module.lora_dropout, name)
+        for module in model.modules()
+        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict)
+        for name in module.lora_dropout
+    ]
+
+
 def use_seeded_dropout(model: nn.Module) -> int:
     """Replace every nn.Dropout with p > 0 inside peft's LoRA dropout slots by a SeededDropout of the same p;
     returns how many were replaced."""
     count = 0
-    for module in model.modules():
-        slots = getattr(module, "lora_dropout", None)
-        if not isinstance(slots, nn.ModuleDict):
-            continue
-        for name, drop in list(slots.items()):
-            if type(drop) is nn.Dropout and drop.p > 0:
-                replacement = SeededDropout(drop.p)
-                replacement.train(drop.training)
-                slots[name] = replacement
-                count += 1
+    for slots, name in lora_dropout_slots(model):
+        drop = slots[name]
+        if type(drop) is nn.Dropout and drop.p > 0:
+            replacement = SeededDropout(drop.p)
+            replacement.train(drop.training)
+            slots[name] = replacement
+            count += 1
     return count
