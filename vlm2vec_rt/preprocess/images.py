@@ -2,8 +2,13 @@
 
 Every format problem becomes an `InputError` that names the source. Conversions (documented, never
 silent failures): palette, CMYK, grey, 1-bit -> RGB; alpha and palette transparency are composited onto
-white (as transformers' `convert_to_rgb` does); 16-bit and 32-bit integer images are scaled to 8 bits;
+white (as transformers' `convert_to_rgb` does, which also leaves an RGB image's colour key unapplied); 16-bit and 32-bit integer images are scaled to 8 bits;
 float images are taken as [0, 1] when their maximum is <= 1, else as [0, 255], and clipped.
+
+A resize asked of `load_image` (VLM2Vec's "high" resolution) is done the way the official VLM2Vec code does
+it: `Image.resize` on the image as decoded, in its own mode, before any conversion, so a palette or 1-bit
+image is resized nearest-neighbour and an RGBA one with premultiplied alpha. RGB and grey images, where
+that is the same as resizing the RGB pixels bicubic, take the C++ resize (bit for bit Pillow's, no GIL).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,40 +44,78 @@ def describe(image: Any) -> str:
     return f"image of type {type(image).__name__}"
 
 
-def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode and validate one image; returns a C-contiguous uint8 array of shape (H, W, 3)."""
+Size = tuple[int, int] | Callable[[int, int], tuple[int, int] | None] | None
+
+
+def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, size: Size = None) -> np.ndarray:
+    """Decode and validate one image; returns a C-contiguous uint8 array of shape (H, W, 3).
+
+    size=(width, height), or a function of the decoded (width, height) giving one or None: resize to it as
+    `PIL.Image.resize(size)` does on the decoded image in its own mode, then convert (see the module's
+    docstring). max_pixels limits the source image.
+    """
     if isinstance(image, np.ndarray):
-        return _from_array(image, max_pixels=max_pixels)
+        return _resized(_from_array(image, max_pixels=max_pixels), size, max_pixels)
     if isinstance(image, Image.Image):
         _check_size(image.size, describe(image), max_pixels)
-        return _pil_to_rgb(image, describe(image))
+        return _pil_to_rgb_resized(image, describe(image), size, max_pixels)
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise InputError(f"image file {path!r} does not exist")
         with open(path, "rb") as f:
-            return _decode(f, describe(image), max_pixels)
+            return _pil_to_rgb_resized(
+                _decode(f, describe(image), max_pixels), describe(image), size, max_pixels
+            )
     if isinstance(image, (bytes, bytearray)):
         if not image:
             raise InputError("image bytes are empty")
-        return _decode(io.BytesIO(bytes(image)), describe(image), max_pixels)
+        decoded = _decode(io.BytesIO(bytes(image)), describe(image), max_pixels)
+        return _pil_to_rgb_resized(decoded, describe(image), size, max_pixels)
     raise InputError(
         f"unsupported {describe(image)}: expected a path, bytes, a PIL.Image or a uint8 HxWx3 array"
     )
 
 
+def _resized(pixels: np.ndarray, size: Size, max_pixels: int) -> np.ndarray:
+    if callable(size):
+        size = size(pixels.shape[1], pixels.shape[0])
+    if size is None:
+        return pixels
+    return resize_square(pixels, size[0], max_pixels=max_pixels, height=size[1])
+
+
+def _pil_to_rgb_resized(img: Image.Image, what: str, size: Size, max_pixels: int) -> np.ndarray:
+    if callable(size):
+        size = size(*img.size)
+    # RGB and plain grey: converting to RGB commutes with a bicubic resize, bit for bit, so the C++ one serves
+    plain = img.mode == "RGB" or (img.mode == "L" and "transparency" not in img.info)
+    if size is None or plain or tuple(img.size) == tuple(size):
+        return _resized(_pil_to_rgb(img, what), size, max_pixels)
+    try:
+        img = img.resize(tuple(size))  # Pillow's default filter for the mode, as the official code calls it
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what}: cannot resize mode {img.mode} to {size[0]}x{size[1]}: {e}") from None
+    return _pil_to_rgb(img, what)
+
+
 def resize_square(
-    image: np.ndarray, side: int = HIGH_RESOLUTION, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    image: np.ndarray,
+    side: int = HIGH_RESOLUTION,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    height: int | None = None,
 ) -> np.ndarray:
-    """Resize to side x side, Pillow's bicubic bit for bit (VLM2Vec's "high" resolution step).
+    """Resize a uint8 RGB array to side x side (or side wide, `height` high), Pillow's bicubic bit for bit.
 
     Runs in the C++ tiling core, without the GIL. max_pixels is the caller's limit on the input image.
     """
     from . import tiling
 
-    if image.shape[0] == side and image.shape[1] == side:
+    height = side if height is None else height
+    if image.shape[0] == height and image.shape[1] == side:
         return image
-    return tiling.resize(image, side, side, max_image_pixels=max(max_pixels, side * side))
+    return tiling.resize(image, height, side, max_image_pixels=max(max_pixels, side * height))
 
 
 def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
@@ -85,7 +129,7 @@ def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
         )
 
 
-def _decode(f: io.IOBase, what: str, max_pixels: int) -> np.ndarray:
+def _decode(f: io.IOBase, what: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # We apply our own pixel limit from the header; Pillow's warning would be noise.
@@ -99,7 +143,7 @@ def _decode(f: io.IOBase, what: str, max_pixels: int) -> np.ndarray:
         raise InputError(f"{what} is over the pixel limit (a decompression bomb guard): {e}") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
         raise InputError(f"{what} is not a readable image (corrupt or truncated): {e}") from None
-    return _pil_to_rgb(img, what)
+    return img
 
 
 def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
@@ -113,6 +157,8 @@ def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
             return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
         if mode == "F":
             return _from_array(np.asarray(img), max_pixels=None)
+        if mode == "RGB":  # as transformers' convert_to_rgb: an RGB image's tRNS colour key is not applied
+            return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
         has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
         if has_alpha:
             rgba = img.convert("RGBA")
