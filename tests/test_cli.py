@@ -117,3 +117,29 @@ def test_embed_at_high_resolution(tmp_path, tiny_llava, photos):
     assert main(argv) == 0
     want = Embedder.from_pretrained(tiny_llava, image_resolution="high").encode([Item(image=str(image))])
     np.testing.assert_allclose(np.load(out), want, atol=1e-6)
+
+
+def test_profile_flag_wherever_a_model_is_read(tmp_path, tiny_qwen, photos, capsys):
+    parser = build_parser()
+    for command in (
+        ["embed", "--model", "m", "--text", "t", "--out", "o.npy"],
+        ["eval", "--model", "m", "--out", "o"],
+        ["build", "--model", "m", "--engine", "fp32", "--out", "o"],
+        ["train", "--model", "m", "--data", "d", "--out", "o"],
+        ["merge", "--model", "m", "--adapter", "a", "--out", "o"],
+    ):
+        assert parser.parse_args([*command, "--profile", "native"]).profile == "native"
+        assert parser.parse_args(command).profile is None  # resolved later: a record, else vlm2vec
+    image = tmp_path / "cat.png"
+    Image.fromarray(photos["chelsea"]).save(image)
+    out = tmp_path / "native.npy"
+    args = ["embed", "--model", tiny_qwen, "--image", str(image), "--text", "a cat", "--out", str(out)]
+    assert main([*args, "--profile", "native"]) == 0
+    item = Item(image=str(image), text="a cat")
+    native = Embedder.from_pretrained(tiny_qwen, profile="native").encode([item])
+    np.testing.assert_allclose(np.load(out), native, atol=1e-6)
+    assert float((np.load(out) * Embedder.from_pretrained(tiny_qwen).encode([item])).sum()) < 0.9999
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--profile", "gme"])
+    assert e.value.code == 2 and "invalid choice: 'gme'" in capsys.readouterr().err

@@ -87,7 +87,12 @@ def test_pooling_matches_plain_transformers_forward(emb, photos):
         kwargs["image_sizes"] = batch.image_meta
     else:
         kwargs["image_grid_thw"] = batch.image_meta
-        kwargs["mm_token_type_ids"] = (batch.input_ids == bb.image_token_id).int()
+        # the default profile's positions (the official VLM2Vec inputs): each real token's index, alike in
+        # all three M-RoPE sections (the native profile's M-RoPE is checked in test_fidelity.py)
+        positions = torch.zeros((3, *batch.input_ids.shape), dtype=torch.long)
+        for row, mask in enumerate(batch.attention_mask.bool()):
+            positions[:, row, mask] = torch.arange(int(mask.sum()))
+        kwargs["position_ids"] = positions
     with torch.no_grad():
         hidden = bb.inner(**kwargs).last_hidden_state
     # left padding: the last real token of every row is the last position

@@ -22,8 +22,9 @@ from vlm2vec_rt import Embedder, Engine, EngineError, InputError, Item, build_en
 from vlm2vec_rt.engine import backends, build, ort
 from vlm2vec_rt.engine.manifest import PARITY_THRESHOLDS
 
-# engine key -> (backbone fixture, precision, backend)
+# engine key -> (backbone fixture, precision, backend[, profile])
 _BUILDS = {
+    "qwen_native_fp32": ("tiny_qwen", "fp32", "onnxruntime", "native"),
     "llava_fp32": ("tiny_llava", "fp32", "onnxruntime"),
     "qwen_fp32": ("tiny_qwen", "fp32", "onnxruntime"),
     "qwen_fp16": ("tiny_qwen", "fp16", "onnxruntime"),
@@ -40,10 +41,12 @@ def engine_dirs(request, tmp_path_factory) -> dict[str, Path]:
 
     def get(key: str) -> Path:
         if key not in built:
-            model_fixture, precision, backend = _BUILDS[key]
+            model_fixture, precision, backend, *profile = _BUILDS[key]
             model = request.getfixturevalue(model_fixture)
             out = tmp_path_factory.mktemp("engines") / key
-            built[key] = build_engine(model, out, precision=precision, backend=backend, device="cpu")
+            built[key] = build_engine(
+                model, out, precision=precision, backend=backend, device="cpu", profile=(profile or [None])[0]
+            )
         return built[key]
 
     return get
@@ -106,6 +109,23 @@ def test_fp32_engine_matches_eager(backbone, engine_dirs, eager, photos, rng):
         got = engine.encode(items, batch_size=batch_size)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
         assert _min_cos(got, ref) >= 0.99999, batch_size
+
+
+def test_engine_follows_its_profile(engine_dirs, tiny_qwen, photos, rng):
+    """A Qwen2-VL engine built under the native profile (M-RoPE positions from the host side) matches eager
+    under that profile, records it, and encodes under no other."""
+    folder = engine_dirs("qwen_native_fp32")
+    engine = Engine.load(folder)
+    assert (
+        engine.profile == "native"
+        and json.loads((folder / "manifest.json").read_text())["profile"] == "native"
+    )
+    items = _fresh_items(photos, rng)
+    native = Embedder.from_pretrained(tiny_qwen, profile="native").encode(items)
+    assert _min_cos(engine.encode(items, batch_size=3), native) >= 0.99999
+    with pytest.raises(EngineError, match="built under profile 'native'.*cannot encode under 'vlm2vec'"):
+        Engine.load(folder, profile="vlm2vec")
+    assert Engine.load(engine_dirs("qwen_fp32")).profile == "vlm2vec"
 
 
 @pytest.mark.parametrize("key", ["qwen_fp16", "llava_fp16", "llava_int8", "qwen_int8"])
@@ -248,6 +268,22 @@ def test_load_tampered_file(engine_copy):
 def test_load_future_format(engine_copy):
     _edit_manifest(engine_copy, format_version=99)
     with pytest.raises(EngineError, match="format version 99 is newer"):
+        Engine.load(engine_copy)
+
+
+def test_load_refuses_engines_built_before_profiles(engine_copy):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    del manifest["profile"]
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="built before pipeline profiles.*rebuild"):
+        Engine.load(engine_copy)
+
+
+def test_load_refuses_an_unknown_profile(engine_copy):
+    with pytest.raises(InputError, match="profile must be one of"):
+        Engine.load(engine_copy, profile="gme")
+    _edit_manifest(engine_copy, profile="gme")
+    with pytest.raises(EngineError, match="unknown profile 'gme'"):
         Engine.load(engine_copy)
 
 

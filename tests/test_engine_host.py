@@ -31,16 +31,20 @@ from vlm2vec_rt.preprocess.batching import token_budget_batches
 
 @pytest.fixture(scope="module")
 def backbones(tiny_llava, tiny_qwen):
-    return {"llava_next": load_backbone(tiny_llava), "qwen2_vl": load_backbone(tiny_qwen)}
+    return {
+        "llava_next": load_backbone(tiny_llava),
+        "qwen2_vl": load_backbone(tiny_qwen),
+        "qwen2_vl native": load_backbone(tiny_qwen, profile="native"),
+    }
 
 
 @pytest.fixture(scope="module")
 def hosts(backbones, tmp_path_factory):
     out = {}
     for name, bb in backbones.items():
-        folder = tmp_path_factory.mktemp(f"host_{name}")
+        folder = tmp_path_factory.mktemp(f"host_{name.replace(' ', '_')}")
         write_host_assets(bb, folder)
-        out[name] = HOSTS[name](bb.pre, folder)
+        out[name] = HOSTS[bb.name](bb.pre, folder)
     return out
 
 
@@ -58,7 +62,7 @@ def _items(photos, rng) -> list[Item]:
     return items
 
 
-@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_vl native"])
 def test_host_side_equals_eager(name, backbones, hosts, photos, rng):
     """Vision feeds -> pack -> inputs_embeds and positions, in numpy, match the Backbone's torch methods."""
     bb, host = backbones[name], hosts[name]

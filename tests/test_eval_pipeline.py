@@ -90,7 +90,7 @@ def hand_dataset(data_dir: Path) -> None:
     words = ["cat", "dog", "car", "bus"]
     rows = [
         (QRY, "VOC2007/a.png", ["cat", "dog", "car", "bus"], [""] * 4),  # rank 1
-        (QRY, "VOC2007/b.png", ["car", "cat", "dog", "bus"], [""] * 4),  # car ties bus: strict rank 2
+        (QRY, "VOC2007/b.png", ["car", "cat", "dog", "bus"], [""] * 4),  # car ties bus: rank 1 (strict: 2)
         (QRY, "VOC2007/c.png", ["cat", "dog", "car", "bus"], [""] * 4),  # dog wins: rank 2
         (QRY, "VOC2007/b.png", ["bus", "cat", "dog"], [""] * 3),  # rank 1 (shorter list)
         (QRY, "VOC2007/c.png", ["dog", "cat", "dog"], [""] * 3),  # the positive repeated: rank 1
@@ -126,19 +126,22 @@ def test_precision_at_1_is_hand_computed(tmp_path):
     hand_dataset(tmp_path)
     enc = TableEncoder(HAND_TABLE)
     scores = mmeb.evaluate(enc, tmp_path, out_dir=tmp_path / "out")
-    assert scores == {"VOC2007": pytest.approx(3 / 5)}
+    assert scores == {"VOC2007": pytest.approx(4 / 5)}  # the official argmax: the tie goes to the positive
+    strict = mmeb.evaluate(TableEncoder(HAND_TABLE), tmp_path, ties="strict")
+    assert strict == {"VOC2007": pytest.approx(3 / 5)}
     # Deduplicated: 3 distinct queries and 4 distinct labels, each embedded once.
     assert sorted(enc.seen) == sorted(
         [(QRY, f"VOC2007/{x}.png") for x in "abc"] + [("cat", ""), ("dog", ""), ("car", ""), ("bus", "")]
     )
     results = load_results(tmp_path / "out")
     d = results["datasets"]["VOC2007"]
-    assert (d["hit_at_5"], d["mrr"]) == (1.0, pytest.approx((1 + 0.5 + 0.5 + 1 + 1) / 5))
+    assert (d["hit_at_5"], d["mrr"]) == (1.0, pytest.approx((1 + 1 + 0.5 + 1 + 1) / 5))
     assert d["candidates_per_query"] == [3, 4] and d["unique_queries"] == 3 and d["unique_candidates"] == 4
-    assert results["aggregate"]["Classification"] == pytest.approx(0.6)
-    assert results["aggregate"]["Overall"] == pytest.approx(0.6)
+    assert results["aggregate"]["Classification"] == pytest.approx(0.8)
+    assert results["aggregate"]["Overall"] == pytest.approx(0.8)
+    assert results["ties"] == "official" and results["profile"] is None  # a table encoder has no profile
     assert all((tmp_path / "out" / f).is_file() for f in ("results.json", "results.md", "results.png"))
-    # The reference's argmax tie rule counts row 1 as a hit.
+    # "first", the official rule's older name, is still taken
     assert mmeb.evaluate(TableEncoder(HAND_TABLE), tmp_path, ties="first") == {
         "VOC2007": pytest.approx(4 / 5)
     }
@@ -196,7 +199,7 @@ def test_skip_missing_reports_every_skip(tmp_path):
         out_dir=out,
         skip_missing=True,
     )
-    assert scores == {"VOC2007": pytest.approx(2 / 3), "NIGHTS": 1.0}
+    assert scores == {"VOC2007": 1.0, "NIGHTS": 1.0}
     skipped = load_results(out)["skipped"]
     assert [(s["dataset"], s["row"], s["reason"]) for s in skipped] == [
         ("CIRR", None, skipped[0]["reason"]),
@@ -245,8 +248,8 @@ def test_encoders_without_fingerprint_or_keywords(tmp_path, caplog):
             Plain.calls += len(items)
             return torch.tensor([HAND_TABLE[os.path.basename(i.image or "") or i.text] for i in items])
 
-    assert mmeb.evaluate(Plain(), tmp_path, out_dir=tmp_path / "o") == {"VOC2007": pytest.approx(0.6)}
-    assert mmeb.evaluate(Plain(), tmp_path, out_dir=tmp_path / "o") == {"VOC2007": pytest.approx(0.6)}
+    assert mmeb.evaluate(Plain(), tmp_path, out_dir=tmp_path / "o") == {"VOC2007": pytest.approx(0.8)}
+    assert mmeb.evaluate(Plain(), tmp_path, out_dir=tmp_path / "o") == {"VOC2007": pytest.approx(0.8)}
     assert Plain.calls == 14  # not cached: encoded on both runs
     assert "no .fingerprint" in caplog.text
     # cache_key makes it cacheable.

@@ -295,6 +295,19 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_dirs(tmp_path, 
         train(tiny_qwen, digit_set, tmp_path / "out", steps=1, batch_size=4)
     with pytest.raises(InputError, match="batch_size: 4 -> 8"):
         train(tiny_qwen, digit_set, tmp_path / "out", steps=1, batch_size=8, lora_r=2, resume=True)
+    with pytest.raises(InputError, match="profile: 'vlm2vec' -> 'native'"):
+        train(
+            tiny_qwen,
+            digit_set,
+            tmp_path / "out",
+            steps=1,
+            batch_size=4,
+            lora_r=2,
+            resume=True,
+            profile="native",
+        )
+    with pytest.raises(InputError, match="profile must be one of"):
+        train(tiny_qwen, digit_set, tmp_path / "other", steps=1, batch_size=4, profile="gme")
 
 
 def test_a_run_that_fails_to_start_leaves_nothing_and_can_be_retried(tmp_path, tiny_qwen, digit_set, caplog):
@@ -405,15 +418,23 @@ def test_cli_train_then_merge(tmp_path, tiny_qwen, digit_set, capsys):
         "--lr",
         "1e-3",
         "--dora",
+        "--profile",
+        "vlm2vec-v2",
     ]
     assert main(args) == 0
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    # the profile trained under is recorded with the run and the adapter, and follows into the merged model
+    assert json.loads((out / "train_config.json").read_text())["profile"] == "vlm2vec-v2"
+    assert json.loads((out / "adapter" / "vlm2vec_rt.json").read_text()) == {"profile": "vlm2vec-v2"}
+    assert Embedder.from_pretrained(tiny_qwen, adapter=out / "adapter").profile == "vlm2vec-v2"
     assert (
         main(["merge", "--model", tiny_qwen, "--adapter", str(out / "adapter"), "--out", str(tmp_path / "m")])
         == 0
     )
-    assert Embedder.from_pretrained(tmp_path / "m").encode(["seven"]).shape == (1, 64)
+    merged = Embedder.from_pretrained(tmp_path / "m")
+    assert merged.profile == "vlm2vec-v2" and merged.encode(["seven"]).shape == (1, 64)
+    assert Embedder.from_pretrained(tmp_path / "m", profile="native").profile == "native"  # asked: used
     capsys.readouterr()
     assert (
         main(["merge", "--model", tiny_qwen, "--adapter", str(tmp_path), "--out", str(tmp_path / "m2")]) == 2

@@ -28,6 +28,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import profiles
     from .training.trainer import train
 
     out = train(
@@ -58,6 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         device=args.device,
         image_resolution=args.image_resolution,
+        profile=profiles.resolve(args.profile, args.model),
     )
     print(f"{'model' if args.full_finetune else 'adapter'} written to {out}")
     return 0
@@ -66,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .training.lora import merge_adapter
 
-    out = merge_adapter(args.model, args.adapter, args.out)
+    out = merge_adapter(args.model, args.adapter, args.out, profile=args.profile)
     print(f"merged model written to {out}")
     return 0
 
@@ -81,6 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         overwrite=args.overwrite,
+        profile=args.profile,
     )
     print(f"engine written to {out}")
     return 0
@@ -91,11 +94,17 @@ def load_encoder(args: argparse.Namespace):
     if getattr(args, "engine", None):
         from .engine.runtime import Engine
 
-        return Engine.load(args.engine, device=args.device, image_resolution=args.image_resolution)
+        return Engine.load(
+            args.engine, device=args.device, image_resolution=args.image_resolution, profile=args.profile
+        )
     from .models.embedder import Embedder
 
     return Embedder.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, image_resolution=args.image_resolution
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        image_resolution=args.image_resolution,
+        profile=args.profile,
     )
 
 
@@ -144,6 +153,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 # ---- parser --------------------------------------------------------------------------------------------
 
 
+def _add_profile_flag(p: argparse.ArgumentParser, default_help: str) -> None:
+    from .profiles import PROFILES
+
+    p.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default=None,
+        help=f"input recipe: vlm2vec = the official VLM2Vec code's inputs, vlm2vec-v2, native = the "
+        f"backbone's own image format (docs/fidelity.md); default: {default_help}",
+    )
+
+
 def _add_encoder_flags(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
     """--model | --engine (returned, so a command can add a third choice), device, dtype, batch size."""
     src = p.add_mutually_exclusive_group(required=True)
@@ -162,6 +183,7 @@ def _add_encoder_flags(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiv
         default=None,
         help="high: resize images to 1344x1344 first (VLM2Vec's high-resolution setting)",
     )
+    _add_profile_flag(p, "an engine's own; a model's recorded one, else vlm2vec")
     return src
 
 
@@ -214,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:<local rank> under torchrun)")
     p.add_argument("--image-resolution", choices=["high"], default=None, help="resize images to 1344x1344")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    _add_profile_flag(p, "the model's recorded one, else vlm2vec")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", parents=[common], help="merge a LoRA adapter into one HF-format model")
     p.add_argument("--model", required=True, metavar="DIR")
     p.add_argument("--adapter", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="DIR")
+    _add_profile_flag(p, "the adapter's recorded one, else the model's, else vlm2vec")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("build", parents=[common], help="export and compile an engine")
@@ -229,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--device", choices=["cpu", "cuda"], help="engine device (default: cuda if present)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing engine at --out")
+    _add_profile_flag(p, "the model's recorded one, else vlm2vec")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("embed", parents=[common], help="embed text, an image, or a JSONL file of items")
@@ -267,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ties",
-        choices=["strict", "first"],
-        default="strict",
-        help="strict: the positive must beat every other candidate; first: the reference code's argmax",
+        choices=["official", "strict", "first"],
+        default="official",
+        help="official (default): the official evaluation's argmax, a tie goes to the positive; strict: the "
+        "positive must beat every other candidate; first: the old name of official",
     )
     p.set_defaults(func=cmd_eval)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from .. import __version__
+from .. import __version__, profiles
 from ..atomic import atomic_dir
 from ..errors import EngineError, InputError
 from ..models.backbones import load_backbone
@@ -47,6 +47,7 @@ def build_engine(
     backend: str = "auto",
     device: str | None = None,
     overwrite: bool = False,
+    profile: str | None = None,
 ) -> Path:
     """Export the model at `model_dir` and compile it into an engine directory at `out_dir`.
 
@@ -57,6 +58,8 @@ def build_engine(
     image and image+text inputs fall below the precision's cosine threshold against eager fp32
     (fp32 0.9999, fp16 0.999, int8 0.99). An existing `out_dir` is replaced only with overwrite=True, and
     only if it is an engine directory (or empty). One build at a time into the same `out_dir`.
+    profile: the input recipe the engine is built, parity-checked and recorded under (vlm2vec_rt.profiles;
+    None: the model directory's recorded one, else "vlm2vec"); the engine encodes under no other.
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -68,6 +71,7 @@ def build_engine(
     module = require(backend, device, precision)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     backbone_name = read_model_type(model_dir)
+    profile = profiles.resolve(profile, model_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(out_dir) as locked:
         if locked:
@@ -82,6 +86,7 @@ def build_engine(
             backend=backend,
             device=device,
             overwrite=overwrite,
+            profile=profile,
         )
     return out_dir
 
@@ -96,12 +101,22 @@ def _build(
     backend: str,
     device: str,
     overwrite: bool,
+    profile: str,
 ) -> None:
     """build_engine's work, with out_dir checked and the build lock held."""
     t0 = time.perf_counter()
-    log.info("building an engine of %s: %s, %s, %s backend", model_dir, precision, device, backend)
-    reference = Embedder(load_backbone(model_dir, dtype="float32"))
-    source = reference.backbone if precision != "fp16" else load_backbone(model_dir, dtype="float16")
+    log.info(
+        "building an engine of %s: %s, %s, %s backend, profile %s",
+        model_dir,
+        precision,
+        device,
+        backend,
+        profile,
+    )
+    reference = Embedder(load_backbone(model_dir, dtype="float32", profile=profile))
+    source = reference.backbone
+    if precision == "fp16":
+        source = load_backbone(model_dir, dtype="float16", profile=profile)
     specs = graph_specs(source)
     extra = {}
     limits = {}
@@ -126,6 +141,7 @@ def _build(
         reference.pre.save(tmp / PREPROCESSOR_DIR)
         fields = {
             "backbone": backbone_name,
+            "profile": profile,
             "precision": precision,
             "backend": backend,
             "device": device,

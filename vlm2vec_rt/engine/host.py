@@ -135,8 +135,7 @@ class LlavaNextHost(Host):
         return packed
 
     def position_ids(self, batch: NumpyBatch) -> np.ndarray:
-        # left padding: the first real token gets position 0, as it would unpadded
-        return np.maximum(np.cumsum(batch.attention_mask, axis=-1) - 1, 0)
+        return sequential_position_ids(batch.attention_mask)
 
 
 class Qwen2VLHost(Host):
@@ -163,10 +162,18 @@ class Qwen2VLHost(Host):
         return outputs  # one call per image, already [tokens_i, H]
 
     def position_ids(self, batch: NumpyBatch) -> np.ndarray:
+        if not self.pre.recipe.mrope:  # the profile's 1-D positions, the same in all three sections
+            positions = sequential_position_ids(batch.attention_mask)
+            return np.ascontiguousarray(np.broadcast_to(positions, (3, *positions.shape)))
         grids = [] if batch.image_meta is None else batch.image_meta.tolist()
         return mrope_position_ids(
             batch.input_ids, batch.attention_mask, grids, self.image_token_id, self.merge
         )
+
+
+def sequential_position_ids(attention_mask: np.ndarray) -> np.ndarray:
+    """1-D positions [B, S]: each real token's index among its row's real tokens (padding gets 0)."""
+    return np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
 def vision_position_ids(grid_thw, merge: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import profiles
 from ..errors import EngineError, InputError
 from ..models.preprocessors import NumpyBatch, load_preprocessor
 from ..preprocess.batching import DEFAULT_MAX_TOKENS, call_cost_tokens, encode_by_length
@@ -59,6 +60,7 @@ class Engine:
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         tiling: str | None = None,
         verify: bool = True,
+        profile: str | None = None,
         _allow_incomplete: bool = False,
     ) -> Engine:
         """Check and load an engine directory built by `build_engine`.
@@ -66,12 +68,15 @@ class Engine:
         Checks, each an EngineError naming the problem: the manifest's format version, that the build
         finished, that the directory holds exactly the files the manifest lists (every graph and asset
         among them, none outside it), every file against its sha256 (verify=False skips the hashing of
-        a trusted engine), the backend installed and able to run on `device`. num_threads: the
+        a trusted engine), the backend installed and able to run on `device`, the engine's profile (the
+        input recipe it was built and parity-checked under) the one asked for. num_threads: the
         backend's intra-op threads (default: the cores this process may use). image_resolution,
         max_image_pixels, tiling: as for Embedder (tiling=None: the Preprocessor's default image path).
+        profile: None takes the engine's own; another than the engine's is an EngineError.
         """
         path = Path(engine_dir)
         manifest = read_manifest(path, allow_incomplete=_allow_incomplete)
+        built_profile = engine_profile(path, manifest, profile)
         backend = manifest["backend"]
         built_for = manifest.get("device", "cpu")
         if device != built_for and backend != "onnxruntime":
@@ -90,6 +95,7 @@ class Engine:
                 path / PREPROCESSOR_DIR,
                 image_resolution=image_resolution,
                 max_image_pixels=max_image_pixels,
+                profile=built_profile,
                 **options,
             )
         except InputError as e:
@@ -117,6 +123,11 @@ class Engine:
         return self.manifest["precision"]
 
     @property
+    def profile(self) -> str:
+        """The input recipe the engine was built and parity-checked under (vlm2vec_rt.profiles)."""
+        return self.pre.profile
+
+    @property
     def backend(self) -> str:
         return self.manifest["backend"]
 
@@ -124,6 +135,7 @@ class Engine:
     def fingerprint(self) -> str:
         """Identifies what produces these embeddings (the engine's files by hash, image path): cache keys."""
         parts = [self.manifest["backbone"], self.precision, self.backend, str(self.pre.image_resolution)]
+        parts.append(self.profile)
         parts.append(str(getattr(self.pre, "tiling", "transformers")))
         parts += [f"{name}:{digest}" for name, digest in sorted(self.manifest["files"].items())]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -190,3 +202,24 @@ class Engine:
         runner, self.runner = self.runner, None
         if runner is not None:
             runner.close()
+
+
+def engine_profile(path: Path, manifest: dict, asked: str | None) -> str:
+    """The profile an engine runs under: its manifest's, which a profile asked for must equal (EngineError)."""
+    built = manifest.get("profile")
+    if built is None:
+        raise EngineError(
+            f"{os.fspath(path)!r} was built before pipeline profiles, with inputs that differ from the official "
+            "VLM2Vec code's for Qwen2-VL: rebuild it with `vlm2vec-rt build`"
+        )
+    if built not in profiles.PROFILES:
+        raise EngineError(
+            f"{path / MANIFEST}: unknown profile {built!r} (known: {', '.join(profiles.PROFILES)})"
+        )
+    if asked is not None and asked != built:
+        profiles.check_profile(asked)
+        raise EngineError(
+            f"{os.fspath(path)!r} was built under profile {built!r}; it cannot encode under {asked!r} "
+            f"(build another engine with --profile {asked})"
+        )
+    return built

@@ -26,7 +26,7 @@ from .cache import EmbeddingCache
 from .encoding import SideStats, encode_side, encoder_fingerprint
 from .reader import EvalData, Skip, list_datasets, read_dataset
 from .registry import known_datasets
-from .scoring import metrics, positive_ranks
+from .scoring import check_ties, metrics, positive_ranks
 
 log = logging.getLogger("vlm2vec_rt")
 
@@ -76,6 +76,7 @@ class EvalRun:
     data_dir: str
     image_root: str
     ties: str
+    profile: str | None  # the encoder's input recipe (vlm2vec_rt.profiles); None for an encoder without one
     results: dict[str, DatasetResult]
     skipped_datasets: list[Skip]
     seconds: float
@@ -106,6 +107,7 @@ class EvalRun:
             "image_root": self.image_root,
             "metric": "precision_at_1",
             "ties": self.ties,
+            "profile": self.profile,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {
                 "platform": platform.platform(),
@@ -148,8 +150,8 @@ def evaluate(
     options (those of run_evaluation):
       skip_missing=False: skip (and report) rows with missing images or empty candidate lists and
         datasets whose parquet file or columns are missing, instead of raising InputError;
-      ties="strict": the positive must beat every distinct candidate; "first": the reference code's
-        argmax (see vlm2vec_rt.eval.scoring);
+      ties="official": the official evaluation's argmax (a tie goes to the positive, candidate 0);
+        "strict": the positive must beat every distinct candidate (see vlm2vec_rt.eval.scoring);
       chunk_size=512: distinct items per encode call and per cache file (the resume granularity);
       cache_key=None, progress=False, label=None.
     Under torchrun (an initialised process group) ranks share the encoding; all return the same scores.
@@ -179,7 +181,7 @@ def run_evaluation(
     skip_missing: bool = False,
     cache_dir: str | os.PathLike | None = None,
     cache_key: str | None = None,
-    ties: str = "strict",
+    ties: str = "official",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = False,
     label: str | None = None,
@@ -193,8 +195,7 @@ def run_evaluation(
     t0 = time.perf_counter()
     if batch_size < 1 or chunk_size < 1:
         raise InputError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
-    if ties not in ("strict", "first"):
-        raise InputError(f"ties must be 'strict' or 'first', got {ties!r}")
+    ties = check_ties(ties)
     data_dir = Path(data_dir)
     image_root = Path(image_root) if image_root is not None else data_dir / "eval_images"
     comm = comm if comm is not None else distributed.current()
@@ -236,6 +237,7 @@ def run_evaluation(
         data_dir=os.fspath(data_dir),
         image_root=os.fspath(image_root),
         ties=ties,
+        profile=getattr(encoder, "profile", None),
         results=results,
         skipped_datasets=skipped,
         seconds=time.perf_counter() - t0,

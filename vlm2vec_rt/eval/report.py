@@ -96,7 +96,8 @@ def _notes(results: dict) -> list[str]:
 def format_results(results: dict) -> str:
     """The per-dataset and aggregate tables as aligned plain text (what the CLI prints)."""
     parts = [
-        f"MMEB evaluation of {results['label']} (Precision@1 x 100, ties: {results['ties']})",
+        f"MMEB evaluation of {results['label']} (Precision@1 x 100, ties: {results['ties']}, "
+        f"profile: {results.get('profile')})",
         _text_table(_DATASET_HEADER, _dataset_rows(results)),
         "",
         _text_table(list(AGGREGATE_KEYS), [_aggregate_row(results["aggregate"])]),
@@ -118,7 +119,8 @@ def results_markdown(results: dict) -> str:
         f"# MMEB evaluation: {results['label']}",
         "",
         f"Data: `{results['data_dir']}`; images: `{results['image_root']}`; model fingerprint: "
-        f"`{results['fingerprint']}`; Precision@1 x 100 (ties: {results['ties']}); {results['created']}.",
+        f"`{results['fingerprint']}`; Precision@1 x 100 (ties: {results['ties']}, profile: "
+        f"{results.get('profile')}); {results['created']}.",
         "",
         "## Aggregates",
         "",

@@ -64,6 +64,14 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def sequential_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D positions [B, S]: each real token's index among its row's real tokens (padding gets 0).
+
+    With left padding the first real token gets position 0, as it would unpadded.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class EmbeddingHead(nn.Module):
     """Decoder on inputs_embeds -> last-token state -> L2-normalised (in fp32). The decoder graph of an engine."""
 
@@ -232,8 +240,7 @@ class LlavaNext(Backbone):
         return list(packed)
 
     def position_ids(self, batch: Batch) -> torch.Tensor:
-        # With left padding the first real token gets position 0, as it would unpadded.
-        return (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return sequential_position_ids(batch.attention_mask)
 
 
 class Qwen2VL(Backbone):
@@ -254,6 +261,10 @@ class Qwen2VL(Backbone):
         return list(torch.split(view_features, sizes, dim=0))
 
     def position_ids(self, batch: Batch) -> torch.Tensor:
+        if not self.pre.recipe.mrope:
+            # The official VLM2Vec inputs: without <|vision_start|> its get_rope_index counts no image, so
+            # every token, image tokens too, gets the same 1-D position in all three M-RoPE sections.
+            return sequential_position_ids(batch.attention_mask).expand(3, -1, -1)
         # M-RoPE: image tokens get (t, h, w) positions; padding is excluded through the attention mask.
         mm_types = (batch.input_ids == self.image_token_id).int()
         positions, _ = self.inner.get_rope_index(

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import profiles
 from ..errors import InputError
 from ..preprocess.batching import call_cost_tokens, encode_by_length
 from ..preprocess.images import DEFAULT_MAX_PIXELS
@@ -42,8 +43,13 @@ class Embedder:
         image_resolution: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         tiling: str = "cpp",
+        profile: str | None = None,
     ) -> Embedder:
         """Load a LLaVA-NeXT or Qwen2-VL model directory (optionally with a peft adapter directory applied).
+
+        profile: the input recipe, "vlm2vec" | "vlm2vec-v2" | "native" (vlm2vec_rt.profiles); None takes the
+        one the adapter or model directory records (`vlm2vec-rt train` and `merge` write it), else "vlm2vec",
+        the official VLM2Vec code's inputs.
 
         image_resolution="high" resizes every image to 1344x1344 first, as VLM2Vec's high-resolution runs do;
         images over max_image_pixels are refused (decompression-bomb guard). tiling="cpp" preprocesses images
@@ -57,6 +63,7 @@ class Embedder:
             image_resolution=image_resolution,
             max_image_pixels=max_image_pixels,
             tiling=tiling,
+            profile=profiles.resolve(profile, adapter, path),
         )
         if adapter is not None:
             apply_adapter(backbone, adapter)
@@ -68,9 +75,14 @@ class Embedder:
         return self.backbone.hidden_size
 
     @property
+    def profile(self) -> str:
+        """The input recipe these embeddings follow (vlm2vec_rt.profiles)."""
+        return self.pre.profile
+
+    @property
     def fingerprint(self) -> str:
-        """Identifies what produces these embeddings (model files, adapter, dtype, resolution): cache keys."""
-        parts = [self.backbone.name, str(self.backbone.dtype), str(self.pre.image_resolution)]
+        """Identifies what produces these embeddings (model files, adapter, dtype, resolution, profile): cache keys."""
+        parts = [self.backbone.name, str(self.backbone.dtype), str(self.pre.image_resolution), self.profile]
         for folder in (self.backbone.path, self.adapter):
             if folder is not None:
                 parts.append(directory_signature(folder))

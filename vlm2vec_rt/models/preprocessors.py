@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import profiles
 from ..errors import InputError
 from ..preprocess import text as text_ops
-from ..preprocess.images import DEFAULT_MAX_PIXELS, HIGH_RESOLUTION, load_image, resize_square
+from ..preprocess.images import DEFAULT_MAX_PIXELS, HIGH_RESOLUTION, load_image
 from ..preprocess.items import Item
 
 SUPPORTED = ("llava_next", "qwen2_vl")
@@ -105,9 +106,12 @@ class Preprocessor:
         image_resolution: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         tiling: str = "cpp",
+        profile: str = profiles.DEFAULT_PROFILE,
     ):
         if image_resolution not in IMAGE_RESOLUTIONS:
             raise InputError(f"image_resolution must be None or 'high', got {image_resolution!r}")
+        self.profile = profile
+        self.recipe = profiles.recipe(profile, self.name)
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -126,7 +130,10 @@ class Preprocessor:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> Preprocessor:
-        """Read config, tokenizer and image processor configuration from a model (or engine) directory."""
+        """Read config, tokenizer and image processor configuration from a model (or engine) directory.
+
+        Keywords: those of the constructor (image_resolution, max_image_pixels, tiling, profile).
+        """
         import transformers
 
         try:
@@ -166,6 +173,8 @@ class Preprocessor:
             # Checked now: a processor configuration the C++ path cannot reproduce fails at load, not per image.
             options = {"llava_next": tiling_ops.llava_next_options, "qwen2_vl": tiling_ops.qwen2vl_options}
             self.tiling_options = options[self.name](self.image_processor)
+            if self.recipe.pixel_limits is not None:
+                self.tiling_options.update(zip(("min_pixels", "max_pixels"), self.recipe.pixel_limits))
             self.image_preprocessor = self.preprocess_with_cpp
         elif tiling == "transformers":
             self.image_preprocessor = self.preprocess_with_transformers
@@ -175,11 +184,17 @@ class Preprocessor:
 
     # ---- items ---------------------------------------------------------------------------------------
     def load_pixels(self, image: Any) -> np.ndarray:
-        """Decode, validate and (at "high" resolution) resize one image to uint8 HxWx3."""
-        pixels = load_image(image, max_pixels=self.max_image_pixels)
+        """Decode, validate and (at "high" resolution, or as the profile says) resize one image to uint8 HxWx3."""
+        return load_image(image, max_pixels=self.max_image_pixels, size=self.resize_to)
+
+    def resize_to(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size an image of this size is resized to before the image processor (None: kept)."""
         if self.image_resolution == "high":
-            pixels = resize_square(pixels, HIGH_RESOLUTION, max_pixels=self.max_image_pixels)
-        return pixels
+            return (HIGH_RESOLUTION, HIGH_RESOLUTION)
+        small = self.recipe.small_image
+        if small is not None and min(width, height) < small[0]:
+            return small[1]
+        return None
 
     def preprocess_image(self, image: np.ndarray) -> ImageInputs:
         return self.image_preprocessor(image)
@@ -212,7 +227,7 @@ class Preprocessor:
         image = None
         if item.image is not None:
             image = self.preprocess_image(self.load_pixels(item.image))
-        return self.tokenize(item.format_text(), image, what=what), image
+        return self.tokenize(item.format_text(self.recipe.text_style), image, what=what), image
 
     def prepare_many(self, items: Sequence[Item], offset: int = 0) -> list[Prepared]:
         """`prepare` over items, the images tiled together; errors name the item's index (offset + position)."""
@@ -233,7 +248,9 @@ class Preprocessor:
             with _naming_item(offset + j):
                 out.append(
                     (
-                        self.tokenize(item.format_text(), images.get(j), what=f"item {offset + j}"),
+                        self.tokenize(
+                            item.format_text(self.recipe.text_style), images.get(j), what=f"item {offset + j}"
+                        ),
                         images.get(j),
                     )
                 )
@@ -328,19 +345,28 @@ def llava_next_num_tokens(height: int, width: int, grid_pinpoints, crop_size: in
 
 
 class Qwen2VLPreprocessor(Preprocessor):
-    """Qwen2-VL: placeholder `<|vision_start|><|image_pad|><|vision_end|>`; native resolution, 2x2 merge."""
+    """Qwen2-VL: placeholder a bare `<|image_pad|>` run (the official VLM2Vec code's) or, under the native
+    profile, wrapped in `<|vision_start|>`/`<|vision_end|>`; native resolution, 2x2 merge."""
 
     name = "qwen2_vl"
     image_processor_class = "Qwen2VLImageProcessorPil"
-    placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+
+    @property
+    def placeholder(self) -> str:  # type: ignore[override]
+        if self.recipe.vision_markers:
+            return f"<|vision_start|>{self.image_token}<|vision_end|>"
+        return self.image_token
 
     @property
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
     def preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
+        # the profile's pixel limits win over the checkpoint's (given per call: what is saved stays the checkpoint's)
+        limits = self.recipe.pixel_limits
+        size = {} if limits is None else {"size": {"shortest_edge": limits[0], "longest_edge": limits[1]}}
         try:
-            out = self.image_processor(image, return_tensors="np", input_data_format="channels_last")
+            out = self.image_processor(image, return_tensors="np", input_data_format="channels_last", **size)
         except ValueError as e:  # e.g. an aspect ratio over 200
             raise InputError(f"image {image.shape[1]}x{image.shape[0]}: {e}") from None
         grid = tuple(int(v) for v in out["image_grid_thw"][0])

@@ -47,17 +47,33 @@ class Item:
                 f"Item.text contains the image placeholder {MMEB_IMAGE_PLACEHOLDER} but no image is given"
             )
 
-    def format_text(self) -> str:
+    def format_text(self, style: str = "v1") -> str:
         """The item's text the way MMEB writes it, with MMEB's placeholder where the image goes.
 
-        MMEB's own rows read ``"<|image_1|>\\n" + instruction + text + "\\n"``; a text that already holds the
-        placeholder (rows read straight from MMEB files) is kept as it is.
+        style "v1" (the official VLM2Vec V1 data): ``"<|image_1|>\\n" + instruction + text + "\\n"``, a space
+        between instruction and text unless the instruction ends in whitespace. style "v2" (the official V2
+        code): ``"<|image_1|> " + instruction + " " + text``, then " \\n" -> "\\n" and a final "\\n". Either way
+        a bare text stays as it is, and a text that already holds the placeholder (rows read straight from
+        MMEB files) keeps it where it is.
         """
         text = self.text or ""
+        placed = MMEB_IMAGE_PLACEHOLDER in text
+        if style == "v2":
+            # V2's instructions carry no trailing space: it joins the parts with one
+            body = " ".join(part for part in ((self.instruction or "").rstrip(), text) if part)
+            if self.image is not None and not placed:
+                body = (
+                    f"{MMEB_IMAGE_PLACEHOLDER} {body}".replace(" \n", "\n")
+                    if body
+                    else MMEB_IMAGE_PLACEHOLDER
+                )
+            return f"{body}\n" if self.instruction or (self.image is not None and not placed) else body
+        if style != "v1":
+            raise InputError(f"text style must be 'v1' or 'v2', got {style!r}")
         if self.instruction:
             sep = "" if not text or self.instruction[-1:].isspace() else " "
             text = f"{self.instruction}{sep}{text}\n"
-        if self.image is not None and MMEB_IMAGE_PLACEHOLDER not in text:
+        if self.image is not None and not placed:
             text = f"{MMEB_IMAGE_PLACEHOLDER}\n{text}"
         return text
 

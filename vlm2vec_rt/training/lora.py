@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import profiles
 from ..atomic import atomic_dir
 from ..errors import InputError
 from ..models.backbones import Backbone, load_backbone
@@ -134,19 +135,24 @@ def merge_adapter(
     *,
     dtype: str | None = None,
     overwrite: bool = False,
+    profile: str | None = None,
 ) -> Path:
     """Merge a peft adapter into the base model and write one complete HF-format model directory.
 
     The result (weights with the LM head, config, tokenizer, image processor configuration) loads wherever
     the base model does. dtype defaults to the base model's. Written atomically: a failed merge leaves
     nothing, and an existing `out` is replaced only when overwrite and only once the new one is complete.
+    profile: the input recipe recorded in the result, which Embedder and build_engine then take by
+    default (None: the adapter's record, else the base model's, else "vlm2vec").
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"output directory {os.fspath(out)!r} already exists")
+    profile = profiles.resolve(profile, adapter, model)
     backbone = load_backbone(model, dtype=dtype or saved_dtype(model), keep_lm_head=True)
     apply_adapter(backbone, adapter)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         backbone.model.save_pretrained(tmp)
         backbone.pre.save(tmp)
+        profiles.write_record(tmp, profile)
     return out

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import atomic, distributed
+from .. import atomic, distributed, profiles
 from ..errors import InputError
 from ..models.backbones import Backbone, load_backbone
 from ..preprocess.items import Item
@@ -77,6 +77,7 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool | None = None  # None: on CUDA devices
     image_resolution: str | None = None
+    profile: str = profiles.DEFAULT_PROFILE  # the input recipe trained on, recorded beside the result
 
     def check(self, world: int) -> None:
         positive = ("batch_size", "gc_chunk", "steps", "checkpoint_every", "keep_checkpoints", "log_every")
@@ -89,13 +90,14 @@ class TrainConfig:
             raise InputError("learning rate and temperature must be > 0")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise InputError(f"warmup steps must be in [0, steps], got {self.warmup_steps}")
+        profiles.check_profile(self.profile)
 
 
 # What a resumed run must share with the one it continues (the rest, like device or paths, may change).
 EXACT_RESUME_KEYS = (
     "datasets", "split", "lora_r", "lora_alpha", "lora_dropout", "dora", "full_finetune", "train_vision",
     "batch_size", "gc_chunk", "steps", "temperature", "lr", "warmup_steps", "weight_decay",
-    "max_grad_norm", "seed", "image_resolution",
+    "max_grad_norm", "seed", "image_resolution", "profile",
 )  # fmt: skip
 
 
@@ -292,6 +294,7 @@ def _load_model(cfg: TrainConfig) -> tuple[Backbone, nn.Module | None]:
         dtype="float32",
         keep_lm_head=cfg.full_finetune,  # a fully fine-tuned model is saved whole
         image_resolution=cfg.image_resolution,
+        profile=cfg.profile,
     )
     torch.manual_seed(cfg.seed)  # adapter initialisation
     peft_model = None
@@ -392,5 +395,6 @@ def _save_final(out: Path, cfg: TrainConfig, backbone: Backbone, peft_model, ran
                 backbone.pre.save(tmp)
             else:
                 peft_model.save_pretrained(tmp)
+            profiles.write_record(tmp, cfg.profile)  # what Embedder, build and merge take by default
     distributed.barrier()
     return target
