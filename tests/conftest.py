@@ -26,10 +26,21 @@ def tiny_qwen(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2_vl", "qwen2_vl", seed=0))
 
 
-@pytest.fixture(scope="session", params=["llava_next", "qwen2_vl"])
-def tiny_model(request, tiny_llava, tiny_qwen) -> str:
+@pytest.fixture(scope="session")
+def tiny_qwen25(tmp_path_factory) -> str:
+    from vlm2vec_rt.models.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2_5_vl", "qwen2_5_vl", seed=0))
+
+
+# every registered backbone, and the fixture that writes its tiny model
+TINY_FIXTURES = {"llava_next": "tiny_llava", "qwen2_vl": "tiny_qwen", "qwen2_5_vl": "tiny_qwen25"}
+
+
+@pytest.fixture(scope="session", params=list(TINY_FIXTURES))
+def tiny_model(request) -> str:
     """Each backbone in turn."""
-    return tiny_llava if request.param == "llava_next" else tiny_qwen
+    return request.getfixturevalue(TINY_FIXTURES[request.param])
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FIXTURES
 
 from vlm2vec_rt import Embedder, InputError, Item, make_tiny_model
 
@@ -33,14 +34,11 @@ def _mixed_items(photos) -> list[Item]:
 
 
 @pytest.fixture(scope="module")
-def embedders(tiny_llava, tiny_qwen) -> dict[str, Embedder]:
-    return {
-        "llava_next": Embedder.from_pretrained(tiny_llava),
-        "qwen2_vl": Embedder.from_pretrained(tiny_qwen),
-    }
+def embedders(request) -> dict[str, Embedder]:
+    return {name: Embedder.from_pretrained(request.getfixturevalue(f)) for name, f in TINY_FIXTURES.items()}
 
 
-@pytest.fixture(params=["llava_next", "qwen2_vl"])
+@pytest.fixture(params=list(TINY_FIXTURES))
 def emb(request, embedders) -> Embedder:
     return embedders[request.param]
 
@@ -61,7 +59,7 @@ def test_batch_invariance(emb, photos):
     assert (batched * alone).sum(1).min() >= 0.99999
 
 
-@pytest.mark.parametrize("backbone", ["llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("backbone", list(TINY_FIXTURES))
 def test_deterministic_for_a_seed(tmp_path, backbone, photos):
     items = [Item(text="a cat"), Item(image=photos["chelsea"], text="cat")]
     a = make_tiny_model(tmp_path / "a", backbone, seed=7)

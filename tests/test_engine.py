@@ -25,6 +25,8 @@ from vlm2vec_rt.engine.manifest import PARITY_THRESHOLDS
 # engine key -> (backbone fixture, precision, backend[, profile])
 _BUILDS = {
     "qwen_native_fp32": ("tiny_qwen", "fp32", "onnxruntime", "native"),
+    "qwen25_fp32": ("tiny_qwen25", "fp32", "onnxruntime"),
+    "qwen25_int8": ("tiny_qwen25", "int8", "onnxruntime"),
     "llava_fp32": ("tiny_llava", "fp32", "onnxruntime"),
     "qwen_fp32": ("tiny_qwen", "fp32", "onnxruntime"),
     "qwen_fp16": ("tiny_qwen", "fp16", "onnxruntime"),
@@ -53,8 +55,12 @@ def engine_dirs(request, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def eager(tiny_llava, tiny_qwen) -> dict[str, Embedder]:
-    return {"llava": Embedder.from_pretrained(tiny_llava), "qwen": Embedder.from_pretrained(tiny_qwen)}
+def eager(tiny_llava, tiny_qwen, tiny_qwen25) -> dict[str, Embedder]:
+    return {
+        "llava": Embedder.from_pretrained(tiny_llava),
+        "qwen": Embedder.from_pretrained(tiny_qwen),
+        "qwen25": Embedder.from_pretrained(tiny_qwen25),
+    }
 
 
 def _fresh_items(photos, rng, n: int = 11) -> list[Item]:
@@ -99,7 +105,7 @@ def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- parity ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backbone", ["llava", "qwen"])
+@pytest.mark.parametrize("backbone", ["llava", "qwen", "qwen25"])
 def test_fp32_engine_matches_eager(backbone, engine_dirs, eager, photos, rng):
     engine = Engine.load(engine_dirs(f"{backbone}_fp32"))
     items = _fresh_items(photos, rng)
@@ -128,7 +134,7 @@ def test_engine_follows_its_profile(engine_dirs, tiny_qwen, photos, rng):
     assert Engine.load(engine_dirs("qwen_fp32")).profile == "vlm2vec"
 
 
-@pytest.mark.parametrize("key", ["qwen_fp16", "llava_fp16", "llava_int8", "qwen_int8"])
+@pytest.mark.parametrize("key", ["qwen_fp16", "llava_fp16", "llava_int8", "qwen_int8", "qwen25_int8"])
 def test_reduced_precision_engines_pass_their_gates(key, engine_dirs, eager, photos, rng):
     folder = engine_dirs(key)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -15,14 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm2vec_rt import EngineError, InputError, Item
+from vlm2vec_rt.backbones.base import mrope_position_ids, vision_position_ids
+from vlm2vec_rt.backbones.llava_next import MAX_VIEWS_PER_CALL
 from vlm2vec_rt.engine.export import graph_specs
-from vlm2vec_rt.engine.host import (
-    HOSTS,
-    MAX_VIEWS_PER_CALL,
-    mrope_position_ids,
-    vision_position_ids,
-    write_host_assets,
-)
+from vlm2vec_rt.engine.host import HOSTS, write_host_assets
 from vlm2vec_rt.engine.manifest import FORMAT_VERSION, read_manifest, verify_files, write_manifest
 from vlm2vec_rt.engine.parity import MAX_NORM_ERROR, parity_items, parity_report
 from vlm2vec_rt.models.backbones import load_backbone
@@ -30,11 +26,13 @@ from vlm2vec_rt.preprocess.batching import token_budget_batches
 
 
 @pytest.fixture(scope="module")
-def backbones(tiny_llava, tiny_qwen):
+def backbones(tiny_llava, tiny_qwen, tiny_qwen25):
     return {
         "llava_next": load_backbone(tiny_llava),
         "qwen2_vl": load_backbone(tiny_qwen),
         "qwen2_vl native": load_backbone(tiny_qwen, profile="native"),
+        "qwen2_5_vl": load_backbone(tiny_qwen25),
+        "qwen2_5_vl native": load_backbone(tiny_qwen25, profile="native"),
     }
 
 
@@ -62,7 +60,9 @@ def _items(photos, rng) -> list[Item]:
     return items
 
 
-@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen2_vl native"])
+@pytest.mark.parametrize(
+    "name", ["llava_next", "qwen2_vl", "qwen2_vl native", "qwen2_5_vl", "qwen2_5_vl native"]
+)
 def test_host_side_equals_eager(name, backbones, hosts, photos, rng):
     """Vision feeds -> pack -> inputs_embeds and positions, in numpy, match the Backbone's torch methods."""
     bb, host = backbones[name], hosts[name]

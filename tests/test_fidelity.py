@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TINY_FIXTURES
 from PIL import Image
 
 from vlm2vec_rt import Embedder, Item
@@ -55,12 +56,19 @@ def images(tmp_path_factory, photos) -> dict[str, str]:
 
 
 # ---- the official recipe, written from the official code -------------------------------------------------
+def follows_v2(backbone: str, profile: str) -> bool:
+    """Whether the official V2 code's Qwen recipe applies (Qwen2.5-VL only ever ran there)."""
+    return backbone != "llava_next" and (
+        profile == "vlm2vec-v2" or (backbone == "qwen2_5_vl" and profile == "vlm2vec")
+    )
+
+
 def official_image(path: str, resolution: str | None, profile: str, backbone: str) -> Image.Image:
     image = Image.open(path)
     if resolution == "high":
         image = image.resize((1344, 1344))
-    if profile == "vlm2vec-v2" and backbone == "qwen2_vl" and min(image.size) < 28:
-        image = image.resize((56, 56))  # V2's Qwen2-VL input function only
+    if follows_v2(backbone, profile) and min(image.size) < 28:
+        image = image.resize((56, 56))  # V2's Qwen input function
     return image
 
 
@@ -71,10 +79,14 @@ class Official:
         self.profile = profile
         self.config = transformers.AutoConfig.from_pretrained(model_dir)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-        self.qwen = self.config.model_type == "qwen2_vl"
+        self.qwen = self.config.model_type != "llava_next"
+        self.v2 = follows_v2(self.config.model_type, profile)
         if self.qwen:
             self.image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-            model_class = transformers.Qwen2VLForConditionalGeneration
+            model_class = {
+                "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+                "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+            }[self.config.model_type]
         else:
             self.processor = transformers.LlavaNextProcessor(
                 image_processor=transformers.LlavaNextImageProcessorPil.from_pretrained(model_dir),
@@ -98,7 +110,7 @@ class Official:
         out = {}
         if image is not None:
             size = {}
-            if self.profile == "vlm2vec-v2":  # V2 passes its pixel limits through `size`
+            if self.v2:  # V2 passes its pixel limits through `size`
                 size = {"size": {"shortest_edge": 3136, "longest_edge": 1003520}}
             pixels = self.image_processor(image, return_tensors="pt", **size)
             grid = pixels["image_grid_thw"]
@@ -127,15 +139,17 @@ CASES = [
     ("qwen2_vl", "vlm2vec"),
     ("qwen2_vl", "vlm2vec-v2"),
     ("qwen2_vl", "native"),
+    ("qwen2_5_vl", "vlm2vec"),
+    ("qwen2_5_vl", "native"),
 ]
 
 
 @pytest.mark.parametrize("backbone, profile", CASES)
 @pytest.mark.parametrize("resolution", [None, "high"])
 def test_tokens_pixels_and_embeddings_equal_the_official_pipeline(
-    backbone, profile, resolution, images, tiny_llava, tiny_qwen
+    backbone, profile, resolution, images, request
 ):
-    model_dir = tiny_llava if backbone == "llava_next" else tiny_qwen
+    model_dir = request.getfixturevalue(TINY_FIXTURES[backbone])
     official = Official(model_dir, profile)
     ours = Embedder.from_pretrained(model_dir, profile=profile, image_resolution=resolution)
     names = list(images) if resolution is None else ["photo.jpg", "palette.png", "rgba.png", "bilevel.png"]

@@ -18,8 +18,16 @@ def _num_params(path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
 
 
-def test_default_sizes_are_under_a_million(tiny_llava, tiny_qwen):
-    for path in (Path(tiny_llava), Path(tiny_qwen)):
+def test_every_backbone_has_a_tiny_fixture():
+    from conftest import TINY_FIXTURES
+
+    from vlm2vec_rt.backbones import NAMES
+
+    assert set(TINY_FIXTURES) == set(NAMES)
+
+
+def test_default_sizes_are_under_a_million(tiny_llava, tiny_qwen, tiny_qwen25):
+    for path in (Path(tiny_llava), Path(tiny_qwen), Path(tiny_qwen25)):
         files = {p.name for p in path.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
         assert "preprocessor_config.json" in files

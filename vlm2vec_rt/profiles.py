@@ -14,6 +14,9 @@ docs/fidelity.md lists each profile's steps beside the official code they follow
                 56x56 first, and an item's instruction and text joined the V2 way.
     native      the backbone's own image format: Qwen2-VL `<|vision_start|><|image_pad|>...<|vision_end|>`
                 with 3-D M-RoPE positions, for models trained that way (GME-style).
+
+Only the official V2 code supports Qwen2.5-VL, so on Qwen2.5-VL `vlm2vec` follows the V2 code's recipe.
+What each profile does on a backbone is that backbone module's `recipe_of` (vlm2vec_rt/backbones/).
 """
 
 from __future__ import annotations
@@ -67,20 +70,16 @@ def check_profile(profile: str) -> str:
     return profile
 
 
+def generic_recipe(profile: str) -> Recipe:
+    """A profile's recipe on a backbone with nothing of its own to change (LLaVA-NeXT): only the text style."""
+    return Recipe(check_profile(profile), text_style="v2" if profile == "vlm2vec-v2" else "v1")
+
+
 def recipe(profile: str, backbone: str) -> Recipe:
-    """The recipe of `profile` for `backbone` ("llava_next" | "qwen2_vl")."""
-    check_profile(profile)
-    qwen = backbone == "qwen2_vl"
-    if profile == "native":
-        return Recipe(profile, vision_markers=qwen, mrope=qwen)
-    if profile == "vlm2vec-v2":
-        return Recipe(
-            profile,
-            pixel_limits=V2_QWEN_PIXELS if qwen else None,
-            small_image=V2_SMALL_IMAGE if qwen else None,
-            text_style="v2",
-        )
-    return Recipe(profile)
+    """The recipe of `profile` for `backbone` (a registered backbone name); each backbone module defines its own."""
+    from .backbones import entry
+
+    return entry(backbone).preprocessor.recipe_of(check_profile(profile))
 
 
 def recorded_profile(directory: str | os.PathLike | None) -> str | None:

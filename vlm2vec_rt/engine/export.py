@@ -1,6 +1,7 @@
 """The two graphs of an engine as torch modules, and their export (ONNX through torch.onnx's dynamo exporter).
 
-    vision:  LLaVA-NeXT  pixel_values [views, 3, crop, crop]            -> features [views, side*side, H]
+    vision:  the backbone's own (its module's `vision_graph`), e.g.
+             LLaVA-NeXT  pixel_values [views, 3, crop, crop]            -> features [views, side*side, H]
              Qwen2-VL    pixel_values [patches, 3*T*P*P], position_ids [patches, 2] -> features [patches/4, H]
     decoder: inputs_embeds [B, S, H], attention_mask [B, S], position_ids [B, S] | [3, B, S]
              -> embedding [B, H] (last-token state, L2-normalised in fp32)
@@ -9,9 +10,9 @@ Inputs and outputs are float32 whatever the engine's precision: a graph casts to
 entry and back on exit, so fp16 engines keep the eager model's mixed-precision rules (transformers' norms
 compute in fp32, the EmbeddingHead pools and normalises in fp32) inside the graph.
 
-Qwen2-VL's vision attention runs within each image (segments from grid_thw, data-dependent): the vision
-graph takes one image per call, its patch positions passed in (transformers' vision encoders accept the
-precomputed `position_ids` / `cu_seqlens`), so nothing in the graph depends on the grid's values.
+A vision graph whose attention runs within each image (Qwen2-VL's segments come from grid_thw, which is
+data-dependent) takes one image per call with what depends on the grid passed in, so nothing in the graph
+depends on the grid's values.
 """
 
 from __future__ import annotations
@@ -28,48 +29,6 @@ import torch
 from torch import nn
 
 from ..models.backbones import Backbone
-
-
-class LlavaNextVisionGraph(nn.Module):
-    """CLIP tower + projector over a stack of views (the backbone's encode_views).
-
-    Holds only the tower, the projector and the config, never the whole backbone: a deep copy of a graph
-    (aoti.py, to compile on another device) copies exactly the weights the graph uses.
-    """
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.vision_tower = backbone.inner.vision_tower  # registered so export sees the parameters
-        self.multi_modal_projector = backbone.inner.multi_modal_projector
-        self.config = backbone.config
-        self.dtype = backbone.dtype
-        self._encode_views = type(backbone).encode_views
-
-    @property
-    def inner(self) -> nn.Module:
-        # encode_views reads self.inner.vision_tower / .multi_modal_projector and self.config: this
-        # module has them, so the backbone's method runs on it unchanged
-        return self
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._encode_views(self, pixel_values.to(self.dtype), None).float()
-
-
-class Qwen2VLVisionGraph(nn.Module):
-    """Qwen2-VL's vision transformer + merger over the patches of one image."""
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.visual = backbone.inner.visual
-        self.dtype = backbone.dtype
-
-    def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # one image: a single attention segment over all its patches
-        cu_seqlens = torch.tensor([0, pixel_values.shape[0]], dtype=torch.int32, device=pixel_values.device)
-        out = self.visual(
-            pixel_values.to(self.dtype), grid_thw=None, position_ids=position_ids, cu_seqlens=cu_seqlens
-        )
-        return out.pooler_output.float()
 
 
 class DecoderGraph(nn.Module):
@@ -124,46 +83,17 @@ class GraphSpec:
 
 
 def graph_specs(backbone: Backbone) -> dict[str, GraphSpec]:
-    """The vision and decoder graphs of a loaded backbone, with example inputs of odd sizes (never 0 or 1,
-    which torch.export would specialise)."""
+    """The vision graph (the backbone's own) and the decoder graph of a loaded backbone, with example
+    inputs of odd sizes (never 0 or 1, which torch.export would specialise)."""
     hidden = backbone.hidden_size
     batch, seq = 2, 7
     mask = torch.ones(batch, seq, dtype=torch.int64)
     mask[0, :3] = 0  # left padding in the example, as at run time
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    if backbone.name == "qwen2_vl":
+    position_axes = {0: "batch", 1: "seq"}
+    if backbone.position_rank == 3:  # M-RoPE: [3, B, S]
         positions = positions[None].expand(3, -1, -1).contiguous()
         position_axes = {1: "batch", 2: "seq"}
-        vcfg = backbone.config.vision_config
-        patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
-        grid = (1, 6, 10)
-        from .host import vision_position_ids
-
-        vision = GraphSpec(
-            "vision",
-            Qwen2VLVisionGraph(backbone).eval(),
-            (
-                torch.randn(grid[1] * grid[2], patch_dim),
-                torch.from_numpy(vision_position_ids(grid, vcfg.spatial_merge_size)),
-            ),
-            ["pixel_values", "position_ids"],
-            "image_features",
-            {"pixel_values": {0: "patches"}, "position_ids": {0: "patches"}},
-            # patches come in merge x merge blocks, one token each; the smallest image (56x56) has 4 tokens
-            axis_min={"tokens": 2},
-            axis_multiple={"patches": ("tokens", vcfg.spatial_merge_size**2)},
-        )
-    else:
-        position_axes = {0: "batch", 1: "seq"}
-        crop = int(backbone.config.vision_config.image_size)
-        vision = GraphSpec(
-            "vision",
-            LlavaNextVisionGraph(backbone).eval(),
-            (torch.randn(3, 3, crop, crop),),
-            ["pixel_values"],
-            "view_features",
-            {"pixel_values": {0: "views"}},
-        )
     decoder = GraphSpec(
         "decoder",
         DecoderGraph(backbone).eval(),
@@ -176,7 +106,7 @@ def graph_specs(backbone: Backbone) -> dict[str, GraphSpec]:
             "position_ids": position_axes,
         },
     )
-    return {"vision": vision, "decoder": decoder}
+    return {"vision": backbone.vision_graph(), "decoder": decoder}
 
 
 @contextlib.contextmanager

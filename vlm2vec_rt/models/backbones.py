@@ -1,4 +1,7 @@
-"""Model side of a backbone: a transformers LLaVA-NeXT or Qwen2-VL model plus its `Preprocessor`.
+"""Model side of a backbone: a transformers vision-language model plus its `Preprocessor`.
+
+`Backbone` holds what every architecture shares; each backbone module (vlm2vec_rt/backbones/) subclasses it
+with its vision features, packing, positions, vision graph and LoRA parts.
 
 The seams of the data flow (ARCHITECTURE.md), shared by the Embedder, the trainer and the engine export:
 
@@ -22,14 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from .preprocessors import (
-    LlavaNextPreprocessor,
-    NumpyBatch,
-    Preprocessor,
-    Qwen2VLPreprocessor,
-    quiet_transformers,
-    read_model_type,
-)
+from .preprocessors import NumpyBatch, Preprocessor, quiet_transformers, read_model_type
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,14 +58,6 @@ def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (attention_mask.to(positions.dtype) * (positions + 1)).argmax(dim=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-def sequential_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """1-D positions [B, S]: each real token's index among its row's real tokens (padding gets 0).
-
-    With left padding the first real token gets position 0, as it would unpadded.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class EmbeddingHead(nn.Module):
@@ -156,6 +144,20 @@ class Backbone:
         return int(self.config.text_config.hidden_size)
 
     # ---- per backbone --------------------------------------------------------------------------------
+    # module-name prefixes (relative to the *ForConditionalGeneration) of the language model and of the
+    # vision tower and projector: what LoRA adapts and full fine-tuning trains
+    language_prefix: str = "model.language_model."
+    vision_prefixes: tuple[str, ...] = ()
+    position_rank: int = 2  # the decoder's position_ids: [B, S] (2) or M-RoPE's [3, B, S] (3)
+
+    def vision_graph(self) -> Any:
+        """The engine's vision graph: a GraphSpec (engine/export.py) with example inputs of odd sizes."""
+        raise NotImplementedError
+
+    def host_assets(self) -> dict[str, torch.Tensor]:
+        """Weights the engine's host side needs beyond the embedding table (file name -> tensor)."""
+        return {}
+
     def encode_views(self, pixel_values: torch.Tensor, image_meta: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector over all views/patches of a batch."""
         raise NotImplementedError
@@ -207,78 +209,12 @@ class Backbone:
         return self.head(self.inputs_embeds(batch), batch.attention_mask, self.position_ids(batch))
 
 
-class LlavaNext(Backbone):
-    """LLaVA-NeXT (LLaVA-1.6): CLIP tower, anyres tiles, Llama/Mistral decoder."""
-
-    name = "llava_next"
-    model_class = "LlavaNextForConditionalGeneration"
-    preprocessor_class = LlavaNextPreprocessor
-
-    def encode_views(self, pixel_values: torch.Tensor, image_meta: torch.Tensor) -> torch.Tensor:
-        # pixel_values [V, 3, crop, crop] -> [V, patches (CLS dropped by the "default" strategy), H]
-        inner = self.inner
-        out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        layer = self.config.vision_feature_layer
-        if isinstance(layer, int):
-            selected = out.hidden_states[layer]
-        else:
-            selected = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-        if self.config.vision_feature_select_strategy == "default":
-            selected = selected[:, 1:]
-        return inner.multi_modal_projector(selected)
-
-    def pack(
-        self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]
-    ) -> list[torch.Tensor]:
-        per_image = torch.split(view_features, views_per_image, dim=0)
-        packed, _ = self.inner.pack_image_features(
-            per_image,
-            image_meta,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            image_newline=self.inner.image_newline,
-        )
-        return list(packed)
-
-    def position_ids(self, batch: Batch) -> torch.Tensor:
-        return sequential_position_ids(batch.attention_mask)
-
-
-class Qwen2VL(Backbone):
-    """Qwen2-VL: native-resolution ViT with 2x2 token merging, M-RoPE decoder."""
-
-    name = "qwen2_vl"
-    model_class = "Qwen2VLForConditionalGeneration"
-    preprocessor_class = Qwen2VLPreprocessor
-
-    def encode_views(self, pixel_values: torch.Tensor, image_meta: torch.Tensor) -> torch.Tensor:
-        # pixel_values [patches, 3*T*P*P], image_meta = grid_thw [N, 3] -> merged tokens [patches / merge^2, H]
-        return self.inner.visual(pixel_values, grid_thw=image_meta, return_dict=True).pooler_output
-
-    def pack(
-        self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]
-    ) -> list[torch.Tensor]:
-        sizes = (image_meta.prod(-1) // self.pre.merge_size**2).tolist()
-        return list(torch.split(view_features, sizes, dim=0))
-
-    def position_ids(self, batch: Batch) -> torch.Tensor:
-        if not self.pre.recipe.mrope:
-            # The official VLM2Vec inputs: without <|vision_start|> its get_rope_index counts no image, so
-            # every token, image tokens too, gets the same 1-D position in all three M-RoPE sections.
-            return sequential_position_ids(batch.attention_mask).expand(3, -1, -1)
-        # M-RoPE: image tokens get (t, h, w) positions; padding is excluded through the attention mask.
-        mm_types = (batch.input_ids == self.image_token_id).int()
-        positions, _ = self.inner.get_rope_index(
-            batch.input_ids, mm_types, image_grid_thw=batch.image_meta, attention_mask=batch.attention_mask
-        )
-        return positions
-
-
-BACKBONES: dict[str, type[Backbone]] = {"llava_next": LlavaNext, "qwen2_vl": Qwen2VL}
-
-
 def load_backbone(path: str | os.PathLike, **kwargs: Any) -> Backbone:
     """Load the backbone of the model directory at `path` (a real checkpoint or a `make_tiny_model` one).
 
-    Keywords: device, dtype, keep_lm_head, and the preprocessor's (image_resolution, max_image_pixels).
+    Keywords: device, dtype, keep_lm_head, and the preprocessor's (image_resolution, max_image_pixels,
+    tiling, profile).
     """
-    return BACKBONES[read_model_type(path)].load(path, **kwargs)
+    from ..backbones import entry
+
+    return entry(read_model_type(path)).model.load(path, **kwargs)

@@ -1,8 +1,9 @@
 """Input side of a backbone: items -> token ids + preprocessed images -> a padded numpy batch. No weights.
 
 The eager Embedder, the trainer and the engine runtime all prepare inputs through the same `Preprocessor`,
-so an engine sees exactly the tokens and pixels the eager model saw. Per backbone only a few things differ
-(STYLE.md): the image placeholder, the image processor, and how many tokens an image becomes.
+so an engine sees exactly the tokens and pixels the eager model saw. Per backbone only a few things differ:
+the image placeholder, the image processor, how many tokens an image becomes and what each profile does;
+each backbone module (vlm2vec_rt/backbones/) subclasses `Preprocessor` with those.
 
     Item --load_image (+ "high" resize)--> uint8 HxWx3 --image_preprocessor--> ImageInputs
     Item.format_text --placeholder expanded to ImageInputs.num_tokens--> token ids
@@ -27,7 +28,6 @@ from ..preprocess import text as text_ops
 from ..preprocess.images import DEFAULT_MAX_PIXELS, HIGH_RESOLUTION, load_image
 from ..preprocess.items import Item
 
-SUPPORTED = ("llava_next", "qwen2_vl")
 IMAGE_RESOLUTIONS = (None, "high")
 
 
@@ -84,9 +84,11 @@ def read_model_type(path: str | os.PathLike) -> str:
         model_type = json.loads(cfg_path.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{cfg_path}: not valid JSON ({e})") from None
-    if model_type not in SUPPORTED:
+    from ..backbones import NAMES
+
+    if model_type not in NAMES:
         raise InputError(
-            f"{cfg_path}: model_type {model_type!r} is not a supported backbone (supported: {', '.join(SUPPORTED)})"
+            f"{cfg_path}: model_type {model_type!r} is not a supported backbone (supported: {', '.join(NAMES)})"
         )
     return model_type
 
@@ -111,7 +113,7 @@ class Preprocessor:
         if image_resolution not in IMAGE_RESOLUTIONS:
             raise InputError(f"image_resolution must be None or 'high', got {image_resolution!r}")
         self.profile = profile
-        self.recipe = profiles.recipe(profile, self.name)
+        self.recipe = self.recipe_of(profiles.check_profile(profile))
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -157,6 +159,15 @@ class Preprocessor:
     # ---- per backbone --------------------------------------------------------------------------------
     placeholder: str = ""  # what replaces MMEB's <|image_1|>
 
+    @classmethod
+    def recipe_of(cls, profile: str) -> profiles.Recipe:
+        """What `profile` does on this backbone (vlm2vec_rt.profiles): by default its generic recipe."""
+        return profiles.generic_recipe(profile)
+
+    def cpp_options(self) -> dict[str, Any]:
+        """The C++ tiling's keywords for this processor configuration (InputError if it cannot reproduce it)."""
+        raise NotImplementedError
+
     def preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
         """The reference image path: transformers' Pillow image processor."""
         raise NotImplementedError
@@ -167,14 +178,9 @@ class Preprocessor:
 
     def use_tiling(self, tiling: str) -> None:
         """Images through the C++ tiling ("cpp", the default) or transformers' image processor ("transformers")."""
-        from ..preprocess import tiling as tiling_ops
-
         if tiling == "cpp":
             # Checked now: a processor configuration the C++ path cannot reproduce fails at load, not per image.
-            options = {"llava_next": tiling_ops.llava_next_options, "qwen2_vl": tiling_ops.qwen2vl_options}
-            self.tiling_options = options[self.name](self.image_processor)
-            if self.recipe.pixel_limits is not None:
-                self.tiling_options.update(zip(("min_pixels", "max_pixels"), self.recipe.pixel_limits))
+            self.tiling_options = self.cpp_options()
             self.image_preprocessor = self.preprocess_with_cpp
         elif tiling == "transformers":
             self.image_preprocessor = self.preprocess_with_transformers
@@ -277,123 +283,8 @@ def _naming_item(index: int) -> Iterator[None]:
         raise InputError(msg if msg.startswith("item ") else f"item {index}: {msg}") from None
 
 
-class LlavaNextPreprocessor(Preprocessor):
-    """LLaVA-NeXT: placeholder `<image>`; anyres views; base + unpadded grid + row newlines as tokens."""
-
-    name = "llava_next"
-    image_processor_class = "LlavaNextImageProcessorPil"
-
-    @property
-    def placeholder(self) -> str:  # type: ignore[override]
-        return self.image_token
-
-    @property
-    def crop_size(self) -> int:
-        return int(self.config.vision_config.image_size)
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.config.vision_config.patch_size)
-
-    @property
-    def grid_pinpoints(self) -> list[list[int]]:
-        return [list(p) for p in self.image_processor.image_grid_pinpoints]
-
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """Image tokens LLaVA-NeXT spends on an image of this size."""
-        return llava_next_num_tokens(height, width, self.grid_pinpoints, self.crop_size, self.patch_size)
-
-    def preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
-        out = self.image_processor(image, return_tensors="np", input_data_format="channels_last")
-        pixel_values = np.asarray(out["pixel_values"][0], dtype=np.float32)
-        h, w = image.shape[:2]
-        return ImageInputs(pixel_values, (h, w), self.num_image_tokens(h, w))
-
-    def preprocess_with_cpp(self, image: np.ndarray) -> ImageInputs:
-        from ..preprocess import tiling
-
-        pixel_values = tiling.anyres(image, max_image_pixels=self.max_image_pixels, **self.tiling_options)
-        h, w = image.shape[:2]
-        return ImageInputs(pixel_values, (h, w), self.num_image_tokens(h, w))
-
-    def preprocess_batch_with_cpp(self, images: Sequence[np.ndarray]) -> list[ImageInputs]:
-        from ..preprocess import tiling
-
-        views = tiling.anyres_batch(images, max_image_pixels=self.max_image_pixels, **self.tiling_options)
-        return [
-            ImageInputs(v, im.shape[:2], self.num_image_tokens(*im.shape[:2])) for v, im in zip(views, images)
-        ]
-
-
-def llava_next_num_tokens(height: int, width: int, grid_pinpoints, crop_size: int, patch_size: int) -> int:
-    """LLaVA-NeXT's image token count for an original (height, width): same arithmetic as its processor.
-
-    Base view (side^2) + the grid's features with the padding rows/columns removed + one newline per row.
-    """
-    from transformers.image_processing_utils import select_best_resolution
-
-    best_h, best_w = select_best_resolution((height, width), grid_pinpoints)
-    side = crop_size // patch_size
-    cur_h, cur_w = side * (best_h // crop_size), side * (best_w // crop_size)
-    if width / height > cur_w / cur_h:
-        new_h = int(round(height * (cur_w / width), 7))
-        cur_h -= 2 * ((cur_h - new_h) // 2)
-    else:
-        new_w = int(round(width * (cur_h / height), 7))
-        cur_w -= 2 * ((cur_w - new_w) // 2)
-    return cur_h * cur_w + cur_h + side * side
-
-
-class Qwen2VLPreprocessor(Preprocessor):
-    """Qwen2-VL: placeholder a bare `<|image_pad|>` run (the official VLM2Vec code's) or, under the native
-    profile, wrapped in `<|vision_start|>`/`<|vision_end|>`; native resolution, 2x2 merge."""
-
-    name = "qwen2_vl"
-    image_processor_class = "Qwen2VLImageProcessorPil"
-
-    @property
-    def placeholder(self) -> str:  # type: ignore[override]
-        if self.recipe.vision_markers:
-            return f"<|vision_start|>{self.image_token}<|vision_end|>"
-        return self.image_token
-
-    @property
-    def merge_size(self) -> int:
-        return int(self.config.vision_config.spatial_merge_size)
-
-    def preprocess_with_transformers(self, image: np.ndarray) -> ImageInputs:
-        # the profile's pixel limits win over the checkpoint's (given per call: what is saved stays the checkpoint's)
-        limits = self.recipe.pixel_limits
-        size = {} if limits is None else {"size": {"shortest_edge": limits[0], "longest_edge": limits[1]}}
-        try:
-            out = self.image_processor(image, return_tensors="np", input_data_format="channels_last", **size)
-        except ValueError as e:  # e.g. an aspect ratio over 200
-            raise InputError(f"image {image.shape[1]}x{image.shape[0]}: {e}") from None
-        grid = tuple(int(v) for v in out["image_grid_thw"][0])
-        pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
-        return ImageInputs(pixel_values, grid, int(np.prod(grid)) // self.merge_size**2)
-
-    def preprocess_with_cpp(self, image: np.ndarray) -> ImageInputs:
-        from ..preprocess import tiling
-
-        pixel_values, grid = tiling.qwen2vl(
-            image, max_image_pixels=self.max_image_pixels, **self.tiling_options
-        )
-        return ImageInputs(pixel_values, grid, int(np.prod(grid)) // self.merge_size**2)
-
-    def preprocess_batch_with_cpp(self, images: Sequence[np.ndarray]) -> list[ImageInputs]:
-        from ..preprocess import tiling
-
-        out = tiling.qwen2vl_batch(images, max_image_pixels=self.max_image_pixels, **self.tiling_options)
-        return [ImageInputs(pv, grid, int(np.prod(grid)) // self.merge_size**2) for pv, grid in out]
-
-
-PREPROCESSORS: dict[str, type[Preprocessor]] = {
-    "llava_next": LlavaNextPreprocessor,
-    "qwen2_vl": Qwen2VLPreprocessor,
-}
-
-
 def load_preprocessor(path: str | os.PathLike, **kwargs: Any) -> Preprocessor:
     """The input side of the model directory at `path` (no weights are read)."""
-    return PREPROCESSORS[read_model_type(path)].load(path, **kwargs)
+    from ..backbones import entry
+
+    return entry(read_model_type(path)).preprocessor.load(path, **kwargs)

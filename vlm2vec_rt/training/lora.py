@@ -22,17 +22,10 @@ from ..models.embedder import apply_adapter
 from ..models.preprocessors import quiet_transformers
 from .dropout import use_seeded_dropout
 
-# Module-name prefixes (relative to the *ForConditionalGeneration) of each backbone's parts.
-LANGUAGE_PREFIX = "model.language_model."
-VISION_PREFIXES = {
-    "llava_next": ("model.vision_tower.", "model.multi_modal_projector."),
-    "qwen2_vl": ("model.visual.",),
-}
-
 
 def target_modules(backbone: Backbone, *, train_vision: bool = False) -> list[str]:
     """Full names of the linear layers to adapt: the language model's, plus the vision tower's and projector's."""
-    prefixes = (LANGUAGE_PREFIX, *(VISION_PREFIXES[backbone.name] if train_vision else ()))
+    prefixes = (backbone.language_prefix, *(backbone.vision_prefixes if train_vision else ()))
     return [
         name
         for name, module in backbone.model.named_modules()
@@ -87,7 +80,7 @@ def add_adapter(
 
 def set_full_finetune(backbone: Backbone, *, train_vision: bool = False) -> None:
     """Train every weight of the language model (and of the vision tower and projector when train_vision)."""
-    prefixes = (LANGUAGE_PREFIX, *(VISION_PREFIXES[backbone.name] if train_vision else ()))
+    prefixes = (backbone.language_prefix, *(backbone.vision_prefixes if train_vision else ()))
     for name, p in backbone.model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
 
