@@ -93,3 +93,59 @@ def test_refuses_to_overwrite(tmp_path):
     with pytest.raises(InputError, match="not empty"):
         make_tiny_model(tmp_path / "m")
     assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
+
+
+# published sizes of the checkpoints the presets copy (parameters, with the LM head; tied heads counted once)
+PUBLISHED = {
+    ("llava_next", "llava-next-7b"): 7.57e9,
+    ("qwen2_vl", "qwen2-vl-2b"): 2.21e9,
+    ("qwen2_vl", "qwen2-vl-7b"): 8.29e9,
+    ("qwen2_5_vl", "qwen2.5-vl-3b"): 3.75e9,
+    ("qwen2_5_vl", "qwen2.5-vl-7b"): 8.29e9,
+}
+
+
+@pytest.mark.parametrize("backbone, preset", sorted(PUBLISHED))
+def test_presets_have_the_real_shapes(backbone, preset):
+    """Each preset builds (on the meta device: no memory) a model of its checkpoint's parameter count."""
+    import torch
+
+    from vlm2vec_rt.backbones import REGISTRY
+    from vlm2vec_rt.models.tiny import _build_tokenizer, tiny_options
+
+    spec = REGISTRY[backbone].tiny
+    opts = tiny_options(backbone, size=preset)
+    with torch.device("meta"):
+        model, _ = spec.build(_build_tokenizer(spec, 600), opts)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - PUBLISHED[backbone, preset]) / PUBLISHED[backbone, preset] < 0.005
+    text = model.config.text_config
+    assert text.num_key_value_heads < text.num_attention_heads  # grouped-query attention, as the real ones
+
+
+def test_every_preset_is_listed():
+    from vlm2vec_rt.backbones import REGISTRY
+
+    listed = {(name, p) for name, e in REGISTRY.items() for p in e.tiny.presets}
+    assert {k for k in listed if k[0] != "phi3_v"} == set(PUBLISHED)
+
+
+def test_grouped_query_attention_and_tied_embeddings(tmp_path, photos):
+    from vlm2vec_rt import Embedder, Item
+
+    path = make_tiny_model(
+        tmp_path / "m",
+        "qwen2_vl",
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vision_intermediate_size=64,
+    )
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["text_config"]["num_key_value_heads"] == 2 and cfg["tie_word_embeddings"] is True
+    assert cfg["vision_config"]["mlp_ratio"] == 2  # 64 / 32: its own width, not the decoder's
+    vecs = Embedder.from_pretrained(path).encode([Item(text="a cat"), Item(image=photos["chelsea"])])
+    assert vecs.shape == (2, 64)
+    with pytest.raises(InputError, match="multiple of num_key_value_heads"):
+        make_tiny_model(tmp_path / "bad", "qwen2_vl", num_key_value_heads=3)
+    with pytest.raises(InputError, match="unknown size 'qwen9'.*known: qwen2-vl-2b"):
+        make_tiny_model(tmp_path / "bad", "qwen2_vl", size="qwen9")

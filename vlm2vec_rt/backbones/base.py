@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ class TinySpec:
     specials: the tokenizer's special tokens in id order; tokens: the tokenizer's named special tokens
     (a bos_token is prepended to every text, Llama-style); image_defaults: the default image size keywords;
     check(opts): InputError for sizes the architecture cannot take; build(tokenizer, opts) -> (model,
-    image_processor).
+    image_processor); presets: `size=` names -> the real checkpoints' shapes (size keywords).
     """
 
     specials: tuple[str, ...]
@@ -158,6 +158,7 @@ class TinySpec:
     image_defaults: dict[str, Any]
     check: Callable[[dict], None]
     build: Callable[[Any, dict], tuple[Any, Any]]
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

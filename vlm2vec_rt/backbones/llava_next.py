@@ -21,7 +21,7 @@ from torch import nn
 
 from ..models.backbones import Backbone, Batch
 from ..models.preprocessors import ImageInputs, NumpyBatch, Preprocessor
-from ..models.tiny import decoder_sizes, intermediate_size
+from ..models.tiny import decoder_sizes, vision_intermediate_size
 from .base import EMBED_TOKENS, Entry, Host, TinySpec, load_npy, sequential_position_ids
 
 IMAGE_NEWLINE = "image_newline.npy"
@@ -235,7 +235,9 @@ def build_tiny(tokenizer, o: dict):
     )
 
     crop, grid = o["image_size"], o["max_grid"]
-    pinpoints = [[crop * a, crop * b] for a in range(1, grid + 1) for b in range(1, grid + 1) if a * b > 1]
+    pinpoints = o["grid_pinpoints"] or [
+        [crop * a, crop * b] for a in range(1, grid + 1) for b in range(1, grid + 1) if a * b > 1
+    ]
     text = LlamaConfig(
         **decoder_sizes(o),
         pad_token_id=tokenizer.pad_token_id,
@@ -244,7 +246,7 @@ def build_tiny(tokenizer, o: dict):
     )
     vision = CLIPVisionConfig(
         hidden_size=o["vision_hidden_size"],
-        intermediate_size=intermediate_size(o, o["vision_hidden_size"]),
+        intermediate_size=vision_intermediate_size(o),
         num_hidden_layers=o["vision_layers"],
         num_attention_heads=o["vision_heads"],
         image_size=crop,
@@ -258,7 +260,7 @@ def build_tiny(tokenizer, o: dict):
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         image_seq_length=(crop // o["patch_size"]) ** 2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=o["tie_word_embeddings"],
     )
     model = LlavaNextForConditionalGeneration(config)
     processor = LlavaNextImageProcessorPil(
@@ -294,7 +296,26 @@ ENTRY = Entry(
         ),
         # CLIP views of image_size pixels cut into patch_size patches, anyres grid up to max_grid x max_grid
         # views (1344x1344 at the real 336 crop)
-        image_defaults=dict(image_size=336, patch_size=56, max_grid=4),
+        image_defaults=dict(image_size=336, patch_size=56, max_grid=4, grid_pinpoints=None),
+        presets={
+            # llava-hf/llava-v1.6-mistral-7b-hf: CLIP ViT-L/14-336, Mistral-7B (grouped-query attention)
+            "llava-next-7b": dict(
+                hidden_size=4096,
+                num_layers=32,
+                num_heads=32,
+                num_key_value_heads=8,
+                intermediate_size=14336,
+                vocab_size=32064,
+                vision_hidden_size=1024,
+                vision_layers=24,
+                vision_heads=16,
+                vision_intermediate_size=4096,
+                image_size=336,
+                patch_size=14,
+                grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                initializer_range=0.02,
+            ),
+        },
         check=check_tiny,
         build=build_tiny,
     ),

@@ -27,10 +27,22 @@ from torch import nn
 
 from .. import profiles
 from ..models.preprocessors import NumpyBatch, Preprocessor
-from ..models.tiny import intermediate_size
+from ..models.tiny import vision_intermediate_size
 from .base import Entry, vision_position_ids
 from .qwen2_vl import ENTRY as QWEN2_VL
-from .qwen2_vl import V2_RECIPE, Qwen2VL, Qwen2VLHost, Qwen2VLPreprocessor, build_tiny_qwen, check_tiny
+from .qwen2_vl import (
+    QWEN_VISION,
+    V2_RECIPE,
+    Qwen2VL,
+    Qwen2VLHost,
+    Qwen2VLPreprocessor,
+    build_tiny_qwen,
+    check_tiny,
+)
+
+QWEN25_VISION = dict(
+    QWEN_VISION, vision_intermediate_size=3420, window_size=112, full_attention_blocks=[7, 15, 23, 31]
+)
 
 
 class Qwen2_5VLPreprocessor(Qwen2VLPreprocessor):
@@ -167,13 +179,13 @@ def build_tiny(tokenizer, o: dict):
     vision = dict(
         depth=o["vision_layers"],
         hidden_size=o["vision_hidden_size"],
-        intermediate_size=intermediate_size(o, o["vision_hidden_size"]),
+        intermediate_size=vision_intermediate_size(o),
         out_hidden_size=o["hidden_size"],
         num_heads=o["vision_heads"],
         # windows of 2x2 merged tokens, and the last block attending over the whole image, so both kinds
         # of block run in a tiny model (the real one: 112-pixel windows, 4 full blocks of 32)
-        window_size=4 * o["patch_size"],
-        fullatt_block_indexes=[o["vision_layers"] - 1],
+        window_size=o["window_size"] or 4 * o["patch_size"],
+        fullatt_block_indexes=o["full_attention_blocks"] or [o["vision_layers"] - 1],
     )
     model_class = transformers.Qwen2_5_VLForConditionalGeneration
     return build_tiny_qwen(tokenizer, o, transformers.Qwen2_5_VLConfig, model_class, vision)
@@ -194,5 +206,32 @@ ENTRY = Entry(
     preprocessor=Qwen2_5VLPreprocessor,
     model=Qwen2_5VL,
     host=Qwen2_5VLHost,
-    tiny=dataclasses.replace(QWEN2_VL.tiny, check=_check_tiny, build=build_tiny),  # Qwen2-VL's tokenizer
+    tiny=dataclasses.replace(  # Qwen2-VL's tokenizer and image sizes
+        QWEN2_VL.tiny,
+        check=_check_tiny,
+        build=build_tiny,
+        image_defaults={**QWEN2_VL.tiny.image_defaults, "window_size": None, "full_attention_blocks": None},
+        presets={
+            # Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct: 112-pixel windows, 4 of 32 blocks attend fully
+            "qwen2.5-vl-3b": dict(
+                hidden_size=2048,
+                num_layers=36,
+                num_heads=16,
+                num_key_value_heads=2,
+                intermediate_size=11008,
+                vocab_size=151936,
+                tie_word_embeddings=True,
+                **QWEN25_VISION,
+            ),
+            "qwen2.5-vl-7b": dict(
+                hidden_size=3584,
+                num_layers=28,
+                num_heads=28,
+                num_key_value_heads=4,
+                intermediate_size=18944,
+                vocab_size=152064,
+                **QWEN25_VISION,
+            ),
+        },
+    ),
 )

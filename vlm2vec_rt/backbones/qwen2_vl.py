@@ -22,8 +22,19 @@ from .. import profiles
 from ..errors import InputError
 from ..models.backbones import Backbone, Batch
 from ..models.preprocessors import ImageInputs, NumpyBatch, Preprocessor
-from ..models.tiny import decoder_sizes
+from ..models.tiny import decoder_sizes, vision_intermediate_size
 from .base import Entry, Host, TinySpec, mrope_position_ids, sequential_position_ids, vision_position_ids
+
+# The Qwen-VL vision tower of the real checkpoints (the Qwen2.5-VL one has its own MLP width).
+QWEN_VISION = dict(
+    vision_hidden_size=1280,
+    vision_layers=32,
+    vision_heads=16,
+    vision_intermediate_size=5120,
+    image_size=3584,
+    patch_size=14,
+    initializer_range=0.02,
+)
 
 # The official V2 code's recipe: its pixel limits through `size`, images with a side under 28 px squashed to
 # 56x56 first, the V2 text style (vlm2vec_rt.profiles).
@@ -209,6 +220,7 @@ def build_tiny(tokenizer, o: dict):
         embed_dim=o["vision_hidden_size"],
         hidden_size=o["hidden_size"],
         num_heads=o["vision_heads"],
+        mlp_ratio=vision_intermediate_size(o) // o["vision_hidden_size"],  # an int in the config
     )
     return build_tiny_qwen(
         tokenizer, o, transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, vision
@@ -248,7 +260,7 @@ def build_tiny_qwen(tokenizer, o: dict, config_class: type, model_class: type, v
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        tie_word_embeddings=o["tie_word_embeddings"],
     )
     model = model_class(config)
     side = o["image_size"]
@@ -264,7 +276,13 @@ def build_tiny_qwen(tokenizer, o: dict, config_class: type, model_class: type, v
 
 def check_tiny(o: dict) -> None:
     if o["image_size"] < 56:
-        raise InputError("image_size must be at least 56 for Qwen2-VL (its minimum image is 56x56)")
+        raise InputError("image_size must be at least 56 for Qwen-VL models (their smallest image is 56x56)")
+
+
+def _check_tiny(o: dict) -> None:
+    check_tiny(o)
+    if vision_intermediate_size(o) % o["vision_hidden_size"]:
+        raise InputError("Qwen2-VL's vision MLP width must be a multiple of vision_hidden_size (mlp_ratio)")
 
 
 ENTRY = Entry(
@@ -285,7 +303,29 @@ ENTRY = Entry(
         tokens=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
         # 14-pixel patches, images capped at image_size^2 pixels
         image_defaults=dict(image_size=224, patch_size=14, max_grid=None),
-        check=check_tiny,
+        presets={
+            # Qwen/Qwen2-VL-2B-Instruct and -7B-Instruct: a 675M ViT (1280 wide, 32 blocks), pixels up to 3584^2
+            "qwen2-vl-2b": dict(
+                hidden_size=1536,
+                num_layers=28,
+                num_heads=12,
+                num_key_value_heads=2,
+                intermediate_size=8960,
+                vocab_size=151936,
+                tie_word_embeddings=True,
+                **QWEN_VISION,
+            ),
+            "qwen2-vl-7b": dict(
+                hidden_size=3584,
+                num_layers=28,
+                num_heads=28,
+                num_key_value_heads=4,
+                intermediate_size=18944,
+                vocab_size=152064,
+                **QWEN_VISION,
+            ),
+        },
+        check=_check_tiny,
         build=build_tiny,
     ),
 )

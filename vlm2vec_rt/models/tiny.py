@@ -40,11 +40,14 @@ _DEFAULTS: dict = dict(
     hidden_size=64,
     num_layers=2,
     num_heads=4,
+    num_key_value_heads=None,  # num_heads: full multi-head attention
     vocab_size=1024,
     vision_hidden_size=32,
     vision_layers=2,
     vision_heads=2,
     intermediate_size=None,  # 4 x hidden_size
+    vision_intermediate_size=None,  # 4 x vision_hidden_size
+    tie_word_embeddings=False,
     initializer_range=0.1,
 )
 # The integer size keywords of make_tiny_model (the CLI's --hidden-size etc.).
@@ -52,6 +55,7 @@ SIZE_KEYWORDS = (
     "hidden_size",
     "num_layers",
     "num_heads",
+    "num_key_value_heads",
     "vocab_size",
     "vision_hidden_size",
     "vision_layers",
@@ -59,28 +63,26 @@ SIZE_KEYWORDS = (
     "image_size",
     "patch_size",
     "intermediate_size",
+    "vision_intermediate_size",
 )
+_OPTIONAL = ("num_key_value_heads", "intermediate_size", "vision_intermediate_size")  # None: derived
 
 
 def make_tiny_model(path: str | os.PathLike, backbone: str = "llava_next", *, seed: int = 0, **size) -> Path:
     """Write a complete HF-format directory for a small `backbone` model (a registered backbone name).
 
-    Size keywords: hidden_size, num_layers, num_heads, vocab_size (language model); vision_hidden_size,
-    vision_layers, vision_heads, image_size, patch_size (vision tower); intermediate_size, initializer_range.
+    Size keywords: hidden_size, num_layers, num_heads, num_key_value_heads, vocab_size, intermediate_size,
+    tie_word_embeddings (language model); vision_hidden_size, vision_layers, vision_heads,
+    vision_intermediate_size, image_size, patch_size (vision tower); initializer_range. size="NAME" starts
+    from a preset of the real shapes (random weights; e.g. "qwen2-vl-2b", "llava-next-7b": the backbone's
+    TinySpec lists them), which the other keywords then override.
     The directory holds config.json, model.safetensors, a byte-level BPE tokenizer that knows the image
     tokens, and the image processor's configuration. Written atomically: a failed call leaves nothing.
     """
-    from ..backbones import NAMES, REGISTRY
+    from ..backbones import REGISTRY
 
-    if backbone not in REGISTRY:
-        raise InputError(f"backbone must be one of {', '.join(NAMES)}, got {backbone!r}")
+    opts = tiny_options(backbone, **size)
     spec = REGISTRY[backbone].tiny
-    opts = {**_DEFAULTS, **spec.image_defaults}
-    unknown = set(size) - set(opts)
-    if unknown:
-        raise InputError(f"unknown size keyword(s) {sorted(unknown)}; known: {sorted(opts)}")
-    opts.update(size)
-    _check_sizes(spec, opts)
 
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -97,16 +99,42 @@ def make_tiny_model(path: str | os.PathLike, backbone: str = "llava_next", *, se
     return out
 
 
+def tiny_options(backbone: str, **size) -> dict:
+    """The checked options `make_tiny_model(path, backbone, **size)` builds from (defaults, preset, keywords)."""
+    from ..backbones import NAMES, REGISTRY
+
+    if backbone not in REGISTRY:
+        raise InputError(f"backbone must be one of {', '.join(NAMES)}, got {backbone!r}")
+    spec = REGISTRY[backbone].tiny
+    opts = {**_DEFAULTS, **spec.image_defaults}
+    preset = size.pop("size", None)
+    if preset is not None:
+        if preset not in spec.presets:
+            known = ", ".join(spec.presets) or "none"
+            raise InputError(f"unknown size {preset!r} for {backbone} (known: {known})")
+        opts.update(spec.presets[preset])
+    unknown = set(size) - set(opts)
+    if unknown:
+        raise InputError(f"unknown size keyword(s) {sorted(unknown)}; known: {sorted(opts)}")
+    opts.update(size)
+    _check_sizes(spec, opts)
+    return opts
+
+
 def _check_sizes(spec, o: dict) -> None:
     for key in SIZE_KEYWORDS:
-        if key == "intermediate_size" and o[key] is None:
-            continue  # 4 x hidden_size
+        if key in _OPTIONAL and o[key] is None:
+            continue
         if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] <= 0:
             raise InputError(f"{key} must be a positive int, got {o[key]!r}")
     if not isinstance(o["initializer_range"], (int, float)) or o["initializer_range"] <= 0:
         raise InputError(f"initializer_range must be a positive number, got {o['initializer_range']!r}")
     if o["hidden_size"] % o["num_heads"] or (o["hidden_size"] // o["num_heads"]) % 2:
         raise InputError("hidden_size must be a multiple of num_heads with an even head dimension")
+    if o["num_heads"] % (o["num_key_value_heads"] or o["num_heads"]):
+        raise InputError("num_heads must be a multiple of num_key_value_heads (grouped-query attention)")
+    if not isinstance(o["tie_word_embeddings"], bool):
+        raise InputError(f"tie_word_embeddings must be a bool, got {o['tie_word_embeddings']!r}")
     if o["vision_hidden_size"] % o["vision_heads"]:
         raise InputError("vision_hidden_size must be a multiple of vision_heads")
     if o["vocab_size"] < len(spec.specials) + 256:
@@ -143,15 +171,20 @@ def intermediate_size(o: dict, hidden: int) -> int:
     return o["intermediate_size"] or 4 * hidden
 
 
+def vision_intermediate_size(o: dict) -> int:
+    """The vision tower's MLP width: the vision_intermediate_size keyword, else 4 x vision_hidden_size."""
+    return o["vision_intermediate_size"] or 4 * o["vision_hidden_size"]
+
+
 def decoder_sizes(o: dict) -> dict:
-    """The decoder config keywords every architecture's tiny model shares (full multi-head attention)."""
+    """The decoder config keywords every architecture's tiny model shares."""
     return dict(
         vocab_size=o["vocab_size"],
         hidden_size=o["hidden_size"],
         intermediate_size=intermediate_size(o, o["hidden_size"]),
         num_hidden_layers=o["num_layers"],
         num_attention_heads=o["num_heads"],
-        num_key_value_heads=o["num_heads"],
+        num_key_value_heads=o["num_key_value_heads"] or o["num_heads"],
         max_position_embeddings=4096,
         initializer_range=o["initializer_range"],
     )
