@@ -254,6 +254,38 @@ def test_manifest_round_trip_and_tamper_checks(tmp_path):
         verify_files(tmp_path, manifest, hashes=False)
 
 
+def test_verified_files_are_not_hashed_again_and_a_changed_byte_still_is(tmp_path, monkeypatch):
+    from vlm2vec_rt.engine import manifest as manifest_module
+
+    monkeypatch.setenv("VLM2VEC_RT_CACHE_DIR", str(tmp_path / "cache"))
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    _fake_engine(engine)
+    manifest = read_manifest(engine)
+    hashed = []
+    real_sha = manifest_module.sha256_file
+    monkeypatch.setattr(
+        manifest_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha(path)
+    )
+    verify_files(engine, manifest)
+    assert sorted(hashed) == ["decoder.onnx", "table.npy", "vision.onnx"]
+    hashed.clear()
+    verify_files(engine, manifest)  # stamped: nothing read again
+    assert hashed == []
+    # a changed byte with the size and mtime put back is still found (its ctime moved)
+    table = engine / "sub" / "table.npy"
+    before = table.stat()
+    table.write_bytes(b"tablf")
+    os.utime(table, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(EngineError, match=r"table\.npy.*sha256"):
+        verify_files(engine, manifest)
+    assert hashed == ["table.npy"]  # only the file whose stamp no longer holds
+    # a cache that cannot be written only costs the hashing
+    table.write_bytes(b"table")
+    monkeypatch.setenv("VLM2VEC_RT_CACHE_DIR", str(table))  # a file: no folder can be made under it
+    verify_files(engine, manifest)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -167,10 +167,68 @@ def verify_files(
         )
     if not hashes:
         return
+    stamps = _VerifiedStamps(engine_dir)
     for name, digest in listed.items():
         path = engine_dir / name
+        if stamps.unchanged(name, digest):
+            continue
         if sha256_file(path) != digest:
             raise EngineError(
                 f"engine file {os.fspath(path)!r} does not match its sha256 in {MANIFEST} "
                 "(modified or corrupted; rebuild the engine)"
             )
+        stamps.verified(name, digest)
+    stamps.save()
+
+
+def verified_cache_dir() -> Path:
+    """Where the stamps of verified engine files are kept: $VLM2VEC_RT_CACHE_DIR/verified, else
+    ~/.cache/vlm2vec_rt/verified."""
+    root = os.environ.get("VLM2VEC_RT_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "vlm2vec_rt"
+    )
+    return Path(root) / "verified"
+
+
+class _VerifiedStamps:
+    """Files of one engine directory whose sha256 was checked, with the stat they had then.
+
+    A file whose size, mtime, ctime, inode and device are unchanged since its sha256 matched is not read
+    again (a 7B engine is tens of GB to hash). Any write to a file changes its ctime, which no user can set
+    back (setting mtime sets ctime to now), so a changed byte is still refused. The stamps live outside the
+    engine directory (which holds only its listed files), keyed by its real path; a cache that cannot be
+    read or written only costs the hashing.
+    """
+
+    def __init__(self, engine_dir: Path):
+        self.dir = engine_dir
+        real = os.path.realpath(engine_dir)
+        self.path = verified_cache_dir() / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.json"
+        try:
+            self.old = json.loads(self.path.read_text(encoding="utf-8")).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            self.old = {}
+        self.new: dict[str, list] = {}
+
+    def _stat(self, name: str) -> list[int]:
+        st = os.stat(self.dir / name)
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+    def unchanged(self, name: str, digest: str) -> bool:
+        stamp = self.old.get(name)
+        if stamp != [digest, *self._stat(name)]:
+            return False
+        self.new[name] = stamp
+        return True
+
+    def verified(self, name: str, digest: str) -> None:
+        self.new[name] = [digest, *self._stat(name)]
+
+    def save(self) -> None:
+        if self.new == self.old:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(self.path, {"engine": os.path.realpath(self.dir), "files": self.new})
+        except OSError:
+            pass  # no cache: the next load hashes again
