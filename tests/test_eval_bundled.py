@@ -13,7 +13,7 @@ from PIL import Image
 from vlm2vec_rt import InputError
 from vlm2vec_rt import eval as mmeb
 from vlm2vec_rt.cli import main
-from vlm2vec_rt.eval.report import load_results
+from vlm2vec_rt.eval.results import load_results
 
 
 @pytest.fixture(scope="module")

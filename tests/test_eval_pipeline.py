@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlm2vec_rt import InputError
 from vlm2vec_rt import eval as mmeb
-from vlm2vec_rt.eval.report import load_results
+from vlm2vec_rt.eval.results import load_results
 
 QRY = "<|image_1|>\nIdentify the object shown in the image\n"
 IMG_TGT = "<|image_1|>\nRepresent the given image.\n"

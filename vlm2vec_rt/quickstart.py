@@ -10,7 +10,6 @@ run (Ctrl-C, a kill) continues where it stopped: training resumes from its last 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -200,10 +199,11 @@ class _Stage:
 
 def _load_scores(out: Path) -> dict[str, float] | None:
     """Per-dataset Precision@1 of a finished evaluation in `out`, or None."""
+    from .eval.results import load_results, precision_at_1
+
     try:
-        results = json.loads((out / "results.json").read_text())
-        return {name: float(r["precision_at_1"]) for name, r in results["datasets"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+        return precision_at_1(load_results(out))
+    except (InputError, OSError, KeyError, TypeError, ValueError):
         return None
 
 

@@ -9,10 +9,11 @@ paths = mmeb.write_bundled()   # a small real-image benchmark (eval + train spli
 from __future__ import annotations
 
 from .aggregate import aggregate
-from .bundled import BUNDLED_DATASETS, BundledPaths, default_bundled_root, write_bundled
+from .bundled import BundledPaths, default_bundled_root, write_bundled
 from .evaluation import EvalRun, evaluate, run_evaluation
-from .registry import DATASETS, META_TASKS, DatasetInfo
-from .report import compare, load_results, write_comparison
+from .registry import BUNDLED_DATASETS, DATASETS, META_TASKS, DatasetInfo
+from .report import compare, write_comparison
+from .results import load_results
 
 __all__ = [
     "BUNDLED_DATASETS",

@@ -26,11 +26,12 @@ from .cache import EmbeddingCache
 from .encoding import SideStats, encode_side, encoder_fingerprint
 from .reader import EvalData, Skip, list_datasets, read_dataset
 from .registry import known_datasets
+from .report import write_reports
+from .results import RESULTS_FORMAT
 from .scoring import check_ties, metrics, positive_ranks
 
 log = logging.getLogger("vlm2vec_rt")
 
-RESULTS_FORMAT = "vlm2vec-rt/mmeb-results"
 DEFAULT_CHUNK_SIZE = 512
 
 
@@ -165,8 +166,6 @@ def evaluate(
     )  # fmt: skip
     scores = comm.broadcast(run.scores() if comm.is_main else None)
     if out_dir is not None and comm.is_main:
-        from .report import write_reports
-
         write_reports(run, out_dir)
     return scores
 

@@ -8,15 +8,14 @@ Files are written atomically; the PNG needs matplotlib (skipped with a warning w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..errors import InputError
 from .aggregate import AGGREGATE_KEYS
+from .results import load_results, save_results
 
 log = logging.getLogger("vlm2vec_rt")
 
@@ -140,28 +139,9 @@ def write_reports(run_or_results: Any, out_dir: str | os.PathLike) -> dict:
     """Write results.json, results.md and results.png into out_dir; returns the results dictionary."""
     results = run_or_results if isinstance(run_or_results, dict) else run_or_results.as_dict()
     out = Path(out_dir)
-    atomic.write_json(out / "results.json", results)
+    save_results(results, out)
     atomic.write_bytes(out / "results.md", results_markdown(results).encode())
     _plot(out / "results.png", _results_figure, results)
-    return results
-
-
-def load_results(path: str | os.PathLike) -> dict:
-    """A results.json (or the run directory holding one), checked to be ours."""
-    path = Path(path)
-    file = path / "results.json" if path.is_dir() else path
-    if not file.is_file():
-        raise InputError(
-            f"no results.json in {os.fspath(path)!r} (run `vlm2vec-rt eval ... --out DIR` first)"
-        )
-    try:
-        results = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{os.fspath(file)!r} is not valid JSON: {e}") from None
-    from .evaluation import RESULTS_FORMAT
-
-    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
-        raise InputError(f"{os.fspath(file)!r} is not a vlm2vec-rt evaluation result")
     return results
 
 
