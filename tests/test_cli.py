@@ -13,7 +13,7 @@ from vlm2vec_rt.cli import build_parser, main
 
 
 def test_every_command_has_help(capsys):
-    for command in ("tiny", "train", "merge", "build", "embed", "eval", "bench", "quickstart"):
+    for command in ("tiny", "train", "merge", "build", "embed", "eval", "bench", "quickstart", "serve"):
         with pytest.raises(SystemExit) as e:
             main([command, "--help"])
         assert e.value.code == 0

@@ -242,3 +242,13 @@ def test_prepare_many_tiles_together_and_names_the_bad_item(emb, photos):
         bad = [Item(image=photos["chelsea"]), Item(image=np.zeros((2, 500, 3), np.uint8))]
         with pytest.raises(InputError, match="item 6: "):
             pre.prepare_many(bad, offset=5)
+
+
+def test_unusable_device_is_an_input_error(tiny_llava):
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            Embedder.from_pretrained(tiny_llava, device="cuda")
+    with pytest.raises(InputError, match="is not a device"):
+        Embedder.from_pretrained(tiny_llava, device="gpu please")

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from vlm2vec_rt import Embedder, InputError, Item
+from vlm2vec_rt.preprocess.images import StoredImage
 from vlm2vec_rt.sample_images import digits
 from vlm2vec_rt.training.data import DistinctTargetSampler, read_train_data
 
@@ -66,6 +67,7 @@ def test_reader_builds_items_and_mixes_datasets(tmp_path):
     assert data.datasets == {"Digits": 12, "More": 5}
     first = data.examples[0]
     assert isinstance(first.query, Item) and os.path.isfile(first.query.image)
+    assert isinstance(first.query.image, StoredImage)  # read as stored, as the official training does
     assert first.query.format_text() == QUERY  # MMEB's text kept as written
     assert first.positive.image is None and first.positive.text in WORDS
     assert first.negative is not None and data.examples[-1].negative is None
@@ -281,8 +283,11 @@ def test_resume_after_sigkill_is_exact(tmp_path, tiny_qwen, digit_set):
     # a checkpoint's adapter is the run's adapter at that step
     last = _adapter_tensors(tmp_path / "a" / "checkpoints" / "step-00000006" / "adapter")
     assert all(torch.equal(last[k], want[k]) for k in want)
+    # the log has one line a step, as the uninterrupted run's: step 4, logged before the kill, is not repeated
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran twice: once before the kill
+    whole = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [r["step"] for r in whole] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["lr"]) for r in log] == [(r["loss"], r["lr"]) for r in whole]
     assert {"loss", "lr", "examples_per_s"} <= log[0].keys()
 
 
@@ -434,6 +439,11 @@ def test_cli_train_then_merge(tmp_path, tiny_qwen, digit_set, capsys):
     )
     merged = Embedder.from_pretrained(tmp_path / "m")
     assert merged.profile == "vlm2vec-v2" and merged.encode(["seven"]).shape == (1, 64)
+    # every file of the merged model has the mode a plain open gives (safetensors too, not 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir() if f.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
     assert Embedder.from_pretrained(tmp_path / "m", profile="native").profile == "native"  # asked: used
     capsys.readouterr()
     assert (

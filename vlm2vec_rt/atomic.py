@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,25 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(f, np.asarray(array), allow_pickle=False)
 
 
+def publish_modes(root: str | os.PathLike) -> None:
+    """Give every file and folder under `root` the permissions a plain open/mkdir gives under this umask.
+
+    Writers inside an atomic directory (safetensors through transformers' save_pretrained among them) may
+    go through private temporary files (0600): what is published should read like the rest of the folder.
+    Execute bits a file has are kept (as far as the umask allows); symbolic links are left alone.
+    """
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            target = os.path.join(folder, name)
+            if not os.path.islink(target):
+                os.chmod(target, _DIR_MODE)
+        for name in files:
+            target = os.path.join(folder, name)
+            st = os.lstat(target)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(target, _FILE_MODE | (st.st_mode & 0o111 & _DIR_MODE))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`, renamed onto `path` when the block succeeds.
@@ -74,6 +94,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     try:
         os.chmod(tmp, _DIR_MODE)
         yield tmp
+        publish_modes(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")

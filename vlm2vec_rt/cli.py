@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from .devices import check_device
 from .errors import EngineError, InputError
 
 log = logging.getLogger("vlm2vec_rt")
@@ -22,6 +24,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     from .models.tiny import SIZE_KEYWORDS, make_tiny_model
 
     size = {k: v for k, v in vars(args).items() if k in SIZE_KEYWORDS and v is not None}
+    if args.size:
+        size["size"] = args.size
     path = make_tiny_model(args.out, args.backbone, seed=args.seed, **size)
     print(f"wrote a tiny {args.backbone} model to {path}")
     return 0
@@ -31,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import profiles
     from .training.trainer import train
 
+    check_device(args.device, "--device")
     out = train(
         model_dir=args.model,
         data_dir=args.data,
@@ -59,6 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         device=args.device,
         image_resolution=args.image_resolution,
+        max_image_pixels=args.max_image_pixels,
         profile=profiles.resolve(args.profile, args.model),
     )
     print(f"{'model' if args.full_finetune else 'adapter'} written to {out}")
@@ -76,6 +82,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from .engine.build import build_engine
 
+    if args.device is not None:
+        check_device(args.device, "--device")
     out = build_engine(
         args.model,
         args.out,
@@ -89,13 +97,38 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output_file(path: str, flag: str = "--out") -> None:
+    """InputError before any work when `path` cannot become a file: empty, a directory, or in a folder that
+    is a file or not writable (the output itself is written only at the end, atomically)."""
+    if not path:
+        raise InputError(f"{flag} is empty: give a file name")
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{flag} {path!r} is a directory: give a file name")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest folder that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path!r}: {os.fspath(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path!r}: cannot write in {os.fspath(parent)!r} (permission denied)")
+
+
 def load_encoder(args: argparse.Namespace):
     """An Embedder (--model) or an Engine (--engine), from the shared --model/--engine/--device flags."""
+    from .preprocess.images import DEFAULT_MAX_PIXELS
+
+    check_device(args.device, "--device")
+    max_image_pixels = getattr(args, "max_image_pixels", DEFAULT_MAX_PIXELS)
     if getattr(args, "engine", None):
         from .engine.runtime import Engine
 
         return Engine.load(
-            args.engine, device=args.device, image_resolution=args.image_resolution, profile=args.profile
+            args.engine,
+            device=args.device,
+            image_resolution=args.image_resolution,
+            max_image_pixels=max_image_pixels,
+            profile=args.profile,
         )
     from .models.embedder import Embedder
 
@@ -104,14 +137,19 @@ def load_encoder(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         image_resolution=args.image_resolution,
+        max_image_pixels=max_image_pixels,
         profile=args.profile,
     )
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from . import atomic
-    from .preprocess.items import Item, read_jsonl_items
+    from .preprocess.items import Item, check_unicode, read_jsonl_items
 
+    check_output_file(args.out)  # before the encode, not after it
+    for flag in ("text", "instruction", "image"):
+        if getattr(args, flag) is not None:
+            check_unicode(getattr(args, flag), f"--{flag}")  # bytes the locale cannot decode
     if args.input:
         if args.text is not None or args.image is not None:
             raise InputError("--input cannot be combined with --text or --image")
@@ -147,10 +185,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
 
-    return run_quickstart(args.out)
+    return run_quickstart(args.out, backbone=args.backbone)
 
 
 # ---- parser --------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2, as every other bad input (--help shows the usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def _add_profile_flag(p: argparse.ArgumentParser, default_help: str) -> None:
@@ -162,6 +207,28 @@ def _add_profile_flag(p: argparse.ArgumentParser, default_help: str) -> None:
         default=None,
         help=f"input recipe: vlm2vec = the official VLM2Vec code's inputs, vlm2vec-v2, native = the "
         f"backbone's own image format (docs/fidelity.md); default: {default_help}",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_max_pixels_flag(p: argparse.ArgumentParser) -> None:
+    from .preprocess.images import DEFAULT_MAX_PIXELS
+
+    p.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"refuse images of more pixels (a decompression-bomb guard; default {DEFAULT_MAX_PIXELS})",
     )
 
 
@@ -183,24 +250,32 @@ def _add_encoder_flags(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiv
         default=None,
         help="high: resize images to 1344x1344 first (VLM2Vec's high-resolution setting)",
     )
+    _add_max_pixels_flag(p)
     _add_profile_flag(p, "an engine's own; a model's recorded one, else vlm2vec")
     return src
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command (API.md's command line)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    # --debug goes before or after the command. The subcommand's copy has no default: argparse would
+    # otherwise write its False over a --debug given before the command.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs"
+    )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vlm2vec-rt",
         description="Universal multimodal embeddings (VLM2Vec): train, build engines, embed, evaluate, benchmark.",
-        parents=[common],
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tiny", parents=[common], help="write a tiny model of a real architecture")
-    p.add_argument("--backbone", choices=["llava_next", "qwen2_vl"], default="llava_next")
+    from .backbones import NAMES as BACKBONE_NAMES
+
+    p.add_argument("--backbone", choices=BACKBONE_NAMES, default="llava_next")
+    p.add_argument("--size", help="a preset of a real checkpoint's shapes (random weights), e.g. qwen2-vl-2b")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
     from .models.tiny import SIZE_KEYWORDS
@@ -235,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2, metavar="K")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:<local rank> under torchrun)")
     p.add_argument("--image-resolution", choices=["high"], default=None, help="resize images to 1344x1344")
+    _add_max_pixels_flag(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     _add_profile_flag(p, "the model's recorded one, else vlm2vec")
     p.set_defaults(func=cmd_train)
@@ -312,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", parents=[common], help="the whole product end to end on a tiny model")
     p.add_argument("--out", metavar="DIR", default="quickstart")
+    p.add_argument("--backbone", choices=BACKBONE_NAMES, default="llava_next")
     p.set_defaults(func=cmd_quickstart)
+
+    from .serve.cli import add_serve_parser
+
+    add_serve_parser(sub, [common])
     return parser
 
 
@@ -328,7 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (InputError, EngineError, FileExistsError, FileNotFoundError, PermissionError) as e:
+    except (
+        InputError,
+        EngineError,
+        FileExistsError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    ) as e:
         if args.debug:
             traceback.print_exc()
         print(f"vlm2vec-rt {args.command}: error: {_one_line(e)}", file=sys.stderr)

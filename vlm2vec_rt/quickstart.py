@@ -68,6 +68,13 @@ def run_quickstart(out_dir: str | os.PathLike = "quickstart", **options: Any) ->
     model = cfg.out_dir / "model"
     with stages.run(f"a tiny {cfg.backbone} model", model) as s:
         if (model / "config.json").is_file():
+            from .models.preprocessors import read_model_type
+
+            if read_model_type(model) != cfg.backbone:
+                raise InputError(
+                    f"{os.fspath(cfg.out_dir)!r} holds a quickstart of {read_model_type(model)}, not "
+                    f"{cfg.backbone}: choose another --out"
+                )
             s.reused()
         else:
             make_tiny_model(model, cfg.backbone, seed=0, **cfg.model_size)

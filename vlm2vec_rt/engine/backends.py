@@ -32,12 +32,6 @@ def require(name: str, device: str, precision: str | None = None) -> ModuleType:
     return module
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def pick_auto(precision: str, device: str) -> str:
     """The fastest backend available here for `precision` on `device`.
 

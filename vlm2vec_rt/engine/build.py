@@ -4,7 +4,9 @@ The build writes into a temporary directory beside `out_dir` and renames it into
 parity gate against eager fp32 has passed; until then its manifest says `complete: false`, so neither a
 failed nor a killed build leaves a directory that loads. A build holds a lock beside `out_dir` (released by
 the kernel when the process dies), so the next build into the same place knows the temporary folders a
-killed one left are dead and removes them (a previous engine caught mid-replace is put back first).
+killed one left are dead and removes them (a previous engine caught mid-replace is put back first). A build
+also removes what killed builds of other names left beside it, where their lock proves them dead, and
+`Engine.load` of an engine that a killed build left moved aside puts it back.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from types import ModuleType
 
 from .. import __version__, profiles
 from ..atomic import atomic_dir
+from ..devices import default_device
 from ..errors import EngineError, InputError
 from ..models.backbones import load_backbone
 from ..models.embedder import Embedder, directory_signature
 from ..models.preprocessors import read_model_type
-from .backends import CHOICES, default_device, pick_auto, require
+from .backends import CHOICES, pick_auto, require
 from .export import graph_specs
 from .host import MAX_VIEWS_PER_CALL, write_host_assets
 from .manifest import MANIFEST, PARITY_THRESHOLDS, PRECISIONS, write_manifest
@@ -76,6 +79,7 @@ def build_engine(
     with _build_lock(out_dir) as locked:
         if locked:
             remove_dead_leftovers(out_dir)
+            remove_dead_builds(out_dir.parent, skip=out_dir.name)  # other names' killed builds too
         _check_replaceable(out_dir, overwrite)
         _build(
             model_dir,
@@ -187,33 +191,53 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
     )
 
 
+def _lock_file(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def _try_lock(lock_path: Path, *, create: bool) -> int | None:
+    """An fd holding the exclusive lock on lock_path, or None when a live build holds it (or, with
+    create=False, when the file is gone). The previous holder may unlink the file between our open and
+    flock: only the lock of the file still at lock_path counts."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)
+        if not create:
+            return None
+
+
 @contextlib.contextmanager
 def _build_lock(out_dir: Path):
     """Hold an exclusive lock on `.NAME.lock` beside out_dir for the build (EngineError if another build
     into out_dir holds it). The kernel drops the lock when its holder dies: holding it proves that no live
     build of out_dir exists."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401 - availability: POSIX only
     except ImportError:  # not POSIX: no proof that other builds are dead; build without cleaning up
         yield False
         return
-    lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise EngineError(
-                f"another build into {os.fspath(out_dir)!r} is running (pid {holder}); "
-                "wait for it to finish or build elsewhere"
-            ) from None
-        # the previous holder may have unlinked the file between our open and flock: lock the live one
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                break
-        os.close(fd)
+    lock_path = _lock_file(out_dir)
+    fd = _try_lock(lock_path, create=True)
+    if fd is None:
+        with contextlib.suppress(OSError), open(lock_path, "rb") as f:
+            holder = f.read(32).decode(errors="replace").strip()
+        raise EngineError(
+            f"another build into {os.fspath(out_dir)!r} is running (pid {holder or '?'}); "
+            "wait for it to finish or build elsewhere"
+        )
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -222,6 +246,42 @@ def _build_lock(out_dir: Path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path)
         os.close(fd)
+
+
+_LOCK_NAME = re.compile(r"\.(.+)\.lock")
+
+
+def remove_dead_builds(parent: Path, *, skip: str | None = None) -> list[Path]:
+    """What killed builds of any engine in `parent` left: for each `.NAME.lock` whose lock is free (its
+    build died), NAME's temporary folders (`remove_dead_leftovers`, an engine caught mid-replace put back
+    first) and the lock file itself. A held lock (a live build) is left alone, and so are temporary folders
+    without a lock file (another writer's, for all we know). skip: a NAME not to touch. Returns what went.
+    """
+    try:
+        import fcntl  # noqa: F401 - availability: POSIX only
+    except ImportError:
+        return []
+    removed: list[Path] = []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return removed
+    for lock_path in entries:
+        match = _LOCK_NAME.fullmatch(lock_path.name)
+        if match is None or match.group(1) == skip or lock_path.is_symlink() or not lock_path.is_file():
+            continue
+        fd = _try_lock(lock_path, create=False)
+        if fd is None:
+            continue
+        try:
+            removed += remove_dead_leftovers(parent / match.group(1))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_path)
+            log.warning("removed %s, the lock of a killed build", lock_path)
+            removed.append(lock_path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _leftover_pattern(out_dir: Path) -> re.Pattern:
@@ -245,9 +305,35 @@ def remove_dead_leftovers(out_dir: Path) -> list[Path]:
             os.replace(previous, out_dir)
             log.warning("put back %s from %s (a replacing build was killed)", out_dir, path)
         shutil.rmtree(path, ignore_errors=True)
-        log.info("removed %s, left by a killed build", path)
+        log.warning("removed %s, left by a killed build", path)
         removed.append(path)
     return removed
+
+
+def put_back_moved_engine(out_dir: Path) -> bool:
+    """Put back the engine that an --overwrite build killed between its two renames left moved aside
+    (`.NAME.*.old/x`, nothing at out_dir), when no live build of out_dir exists; the dead build's other
+    folders go too. True when out_dir exists afterwards."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        return True
+    pattern = _leftover_pattern(out_dir)
+    try:
+        moved = any(
+            (m := pattern.fullmatch(p.name)) and m.group(1) == "old" and (p / "x").exists()
+            for p in out_dir.parent.iterdir()
+        )
+    except OSError:
+        return False
+    if not moved:
+        return False
+    try:
+        with _build_lock(out_dir) as locked:
+            if locked:
+                remove_dead_leftovers(out_dir)
+    except EngineError:  # a live build of out_dir: it puts the engine in place itself
+        return False
+    return out_dir.exists()
 
 
 def _onnx_opset(path: Path) -> int | None:

@@ -72,9 +72,14 @@ class Engine:
         input recipe it was built and parity-checked under) the one asked for. num_threads: the
         backend's intra-op threads (default: the cores this process may use). image_resolution,
         max_image_pixels, tiling: as for Embedder (tiling=None: the Preprocessor's default image path).
-        profile: None takes the engine's own; another than the engine's is an EngineError.
+        profile: None takes the engine's own; another than the engine's is an EngineError. An engine that a
+        killed --overwrite build left moved aside (nothing at engine_dir) is put back first.
         """
         path = Path(engine_dir)
+        if not path.exists() and not _allow_incomplete:
+            from .build import put_back_moved_engine  # build imports this module
+
+            put_back_moved_engine(path)  # an engine a killed --overwrite build left moved aside
         manifest = read_manifest(path, allow_incomplete=_allow_incomplete)
         built_profile = engine_profile(path, manifest, profile)
         backend = manifest["backend"]

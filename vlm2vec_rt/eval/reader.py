@@ -3,6 +3,9 @@
     data_dir/<Dataset>/test-00000-of-00001.parquet   columns qry_text, qry_img_path, tgt_text, tgt_img_path
     image_root/<path in the file>                    (default data_dir/eval_images)
 
+Images are read as the official VLM2Vec code reads them, a plain `Image.open`: as stored, with no EXIF
+orientation applied (`StoredImage`), where an image given to `encode` by path is turned upright.
+
 Each side is deduplicated: every distinct (text, image path) pair gets one index, so it is embedded once.
 Every problem raises InputError naming the dataset, the file, the row and the path; with skip_missing=True
 missing images, empty candidate lists, a missing parquet file and missing columns become reported skips.
@@ -17,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER, Item
+from ..preprocess.images import StoredImage
+from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER, Item, string_cell
 from .registry import known_datasets
 
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
@@ -72,12 +76,15 @@ class EvalData:
         return int(counts.min()), int(counts.max())
 
     def items(self, side: str, order: np.ndarray | None = None) -> list[Item]:
-        """The side's ("queries" | "candidates") unique keys as Items (images as absolute paths)."""
+        """The side's ("queries" | "candidates") unique keys as Items (images as absolute paths, decoded as
+        stored: `StoredImage`, as the official code's plain `Image.open`)."""
         keys = self.queries if side == "queries" else self.candidates
         if order is not None:
             keys = [keys[i] for i in order]
         root = os.fspath(self.image_root)
-        return [Item(text=t or None, image=os.path.join(root, p) if p else None) for t, p in keys]
+        return [
+            Item(text=t or None, image=StoredImage(os.path.join(root, p)) if p else None) for t, p in keys
+        ]
 
 
 def dataset_files(data_dir: str | os.PathLike, name: str) -> list[Path]:
@@ -219,15 +226,6 @@ class _Builder:
             more = f" (and {len(paths) - 3} more)" if len(paths) > 3 else ""
             raise InputError(f"{where}: {reason}" + (f": {shown}{more}" if paths else ""))
         self.skipped.append(Skip(self.name, row, reason, paths, file))
-
-
-def string_cell(value, where: str, column: str) -> str:
-    """A parquet string cell: "" for null, InputError naming the row and column for anything but a str."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InputError(f"{where}: column {column!r} must hold a string, got {type(value).__name__}")
-    return value
 
 
 def _candidate_list(texts, paths, where: str) -> list[Key]:

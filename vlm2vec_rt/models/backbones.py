@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..devices import check_device
 from ..errors import InputError
 from .preprocessors import NumpyBatch, Preprocessor, quiet_transformers, read_model_type
 
@@ -115,6 +116,7 @@ class Backbone:
 
         path = Path(path)
         dtype = torch_dtype(dtype)
+        check_device(device)
         pre = cls.preprocessor_class.load(path, **preprocessor_kwargs)
         try:
             with quiet_transformers():

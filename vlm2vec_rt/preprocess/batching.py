@@ -19,6 +19,10 @@ from ..progress import progress_bar
 
 DEFAULT_MAX_TOKENS = 8192  # padded tokens per model call: bounds activation memory, not batch count
 WINDOW_BATCHES = 4  # items are prepared, sorted and batched a window of batch_size x this at a time
+# ... unless their prepared pixels pass this first: a window of 1344x1344 LLaVA-NeXT images (17 views,
+# 23 MB of float32 each) would hold 1.5 GB, and two windows are alive at once. A window always has one
+# batch_size of items, so batches stay full.
+WINDOW_BYTES = 256 << 20
 
 # What one more model call costs, in padded tokens' worth of work. On 2 CPU cores an ORT decoder call
 # costs about as much as 16-64 tokens (bench/bench_engine.py's text batches ran fastest in that range,
@@ -82,21 +86,56 @@ def token_budget_batches(
     return batches[::-1]
 
 
-def prepare_ahead(pre: Any, items: Sequence[Any], window: int) -> Iterator[tuple[int, list]]:
-    """Yield (start, pre.prepare_many(items[start:start + window])) in order, preparing the next window on a
-    worker thread while the caller runs the model on the current one. Errors name the item's index."""
-    starts = list(range(0, len(items), window))
-    if not starts:
+def prepare_ahead(
+    pre: Any, items: Sequence[Any], window: int, *, max_bytes: int | None = None, step: int | None = None
+) -> Iterator[tuple[int, list]]:
+    """Yield (start, prepared items[start:start + n]) in order, windows of n <= `window` items, preparing the
+    next window on a worker thread while the caller runs the model on the current one. Errors name the
+    item's index.
+
+    max_bytes bounds a window's prepared arrays (token ids and pixels) instead of its item count alone: a
+    window is prepared `step` items at a time (default: all `window` at once) and closes once it holds
+    max_bytes, so each window has at least `step` items and at most about max_bytes plus one step's worth.
+    """
+    if not items:
         return
+    step = window if step is None else max(1, min(step, window))
+
+    def prepare_window(start: int) -> list:
+        prepared: list = []
+        held = 0
+        while len(prepared) < window and start + len(prepared) < len(items):
+            at = start + len(prepared)
+            part = pre.prepare_many(items[at : at + min(step, window - len(prepared))], at)
+            prepared += part
+            if max_bytes is not None:
+                held += sum(prepared_nbytes(p) for p in part)
+                if held >= max_bytes:
+                    break
+        return prepared
+
     # one pool per call: concurrent callers never wait on each other's preprocessing
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm2vec-prep") as pool:
-        future = pool.submit(pre.prepare_many, items[:window], 0)
-        for k, start in enumerate(starts):
+        start = 0
+        future = pool.submit(prepare_window, start)
+        while True:
             prepared = future.result()
-            if k + 1 < len(starts):
-                nxt = starts[k + 1]
-                future = pool.submit(pre.prepare_many, items[nxt : nxt + window], nxt)
+            nxt = start + len(prepared)
+            if nxt < len(items):
+                future = pool.submit(prepare_window, nxt)
             yield start, prepared
+            if nxt >= len(items):
+                return
+            start = nxt
+
+
+def prepared_nbytes(prepared: tuple) -> int:
+    """Bytes a prepared item holds: its token ids (as the int64 they become) and its image's arrays."""
+    ids, image = prepared
+    nbytes = 8 * len(ids)
+    if image is not None:
+        nbytes += int(getattr(image.pixel_values, "nbytes", 0))
+    return nbytes
 
 
 def call_cost_tokens(device: str, max_tokens: int | None) -> int:
@@ -119,12 +158,14 @@ def encode_by_length(
     call_cost: int,
     progress: bool,
     window_batches: int = WINDOW_BATCHES,
+    window_bytes: int | None = WINDOW_BYTES,
 ) -> np.ndarray:
     """The encode loop of Embedder and Engine -> float32 [N, dim] in input order.
 
-    Windows of batch_size x window_batches items are preprocessed one ahead on a worker thread
-    (`prepare_ahead`; two windows of prepared pixels are held at once, so this bounds host memory), each
-    window is split by `token_budget_batches` (max_tokens None: no token cap), and
+    Windows of up to batch_size x window_batches items are preprocessed one ahead on a worker thread
+    (`prepare_ahead`; two windows of prepared pixels are held at once), a window closing early, after a
+    multiple of batch_size items, once its prepared arrays pass window_bytes (None: no byte bound): this
+    bounds host memory. Each window is split by `token_budget_batches` (max_tokens None: no token cap), and
     run_batch(pre.collate(...)) computes a batch's [B, dim] rows.
     """
     if batch_size < 1:
@@ -135,7 +176,9 @@ def encode_by_length(
     # garbage collector; the bar is closed on every exit
     with (
         progress_bar(len(items), enabled=progress, desc="encode") as bar,
-        contextlib.closing(prepare_ahead(pre, items, batch_size * window_batches)) as windows,
+        contextlib.closing(
+            prepare_ahead(pre, items, batch_size * window_batches, max_bytes=window_bytes, step=batch_size)
+        ) as windows,
     ):
         for start, prepared in windows:
             lengths = [len(ids) for ids, _ in prepared]

@@ -5,6 +5,11 @@ silent failures): palette, CMYK, grey, 1-bit -> RGB; alpha and palette transpare
 white (as transformers' `convert_to_rgb` does, which also leaves an RGB image's colour key unapplied); 16-bit and 32-bit integer images are scaled to 8 bits;
 float images are taken as [0, 1] when their maximum is <= 1, else as [0, 255], and clipped.
 
+An image given as a path, bytes or a PIL image is turned upright by its EXIF orientation first, as
+transformers' `load_image` does (what a person sees is what is embedded). A `StoredImage` path is decoded as
+stored, with no EXIF orientation: MMEB evaluation reads its images that way, as the official VLM2Vec code
+does (a plain `Image.open`).
+
 A resize asked of `load_image` (VLM2Vec's "high" resolution) is done the way the official VLM2Vec code does
 it: `Image.resize` on the image as decoded, in its own mode, before any conversion, so a palette or 1-bit
 image is resized nearest-neighbour and an RGBA one with premultiplied alpha. RGB and grey images, where
@@ -20,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import InputError
 
@@ -47,34 +52,84 @@ def describe(image: Any) -> str:
 Size = tuple[int, int] | Callable[[int, int], tuple[int, int] | None] | None
 
 
+class StoredImage(os.PathLike):
+    """An image file to decode as stored: its EXIF orientation is not applied (a plain `Image.open`).
+
+    MMEB evaluation reads its images this way, as the official VLM2Vec code does; anything else given by
+    path is turned upright first. Usable wherever a path is (`os.fspath`, `Item(image=...)`).
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"StoredImage({self.path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoredImage) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash((StoredImage, self.path))
+
+
 def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, size: Size = None) -> np.ndarray:
     """Decode and validate one image; returns a C-contiguous uint8 array of shape (H, W, 3).
 
     size=(width, height), or a function of the decoded (width, height) giving one or None: resize to it as
     `PIL.Image.resize(size)` does on the decoded image in its own mode, then convert (see the module's
-    docstring). max_pixels limits the source image.
+    docstring). max_pixels limits the source image. A path, bytes or PIL image is turned upright by its EXIF
+    orientation before anything else (size gets the upright width and height); a `StoredImage` is not.
     """
     if isinstance(image, np.ndarray):
         return _resized(_from_array(image, max_pixels=max_pixels), size, max_pixels)
+    what = describe(image)
     if isinstance(image, Image.Image):
-        _check_size(image.size, describe(image), max_pixels)
-        return _pil_to_rgb_resized(image, describe(image), size, max_pixels)
+        _check_size(image.size, what, max_pixels)
+        return _pil_to_rgb_resized(exif_upright(image, what), what, size, max_pixels)
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
+        try:
+            path = os.fspath(image)
+        except TypeError as e:  # a PathLike whose __fspath__ gives neither str nor bytes
+            raise InputError(f"{what}: not a usable path ({e})") from None
         if not os.path.isfile(path):
             raise InputError(f"image file {path!r} does not exist")
-        with open(path, "rb") as f:
-            return _pil_to_rgb_resized(
-                _decode(f, describe(image), max_pixels), describe(image), size, max_pixels
-            )
+        try:
+            with open(path, "rb") as f:
+                decoded = _decode(f, what, max_pixels)  # its own errors are InputErrors already
+        except OSError as e:  # the open itself: permissions, a special file
+            raise InputError(f"{what} cannot be opened: {e.strerror or e}") from None
+        if not isinstance(image, StoredImage):
+            decoded = exif_upright(decoded, what)
+        return _pil_to_rgb_resized(decoded, what, size, max_pixels)
     if isinstance(image, (bytes, bytearray)):
         if not image:
             raise InputError("image bytes are empty")
-        decoded = _decode(io.BytesIO(bytes(image)), describe(image), max_pixels)
-        return _pil_to_rgb_resized(decoded, describe(image), size, max_pixels)
+        decoded = _decode(io.BytesIO(bytes(image)), what, max_pixels)
+        return _pil_to_rgb_resized(exif_upright(decoded, what), what, size, max_pixels)
     raise InputError(
         f"unsupported {describe(image)}: expected a path, bytes, a PIL.Image or a uint8 HxWx3 array"
     )
+
+
+def exif_upright(img: Image.Image, what: str = "image") -> Image.Image:
+    """`img` turned as its EXIF orientation tag says (`PIL.ImageOps.exif_transpose`); the image itself
+    when it has no orientation to apply (no copy). An unreadable EXIF block counts as no orientation:
+    Pillow decodes the pixels without it."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # 0x0112: Orientation
+    except Exception:  # malformed EXIF raises many kinds of error; the pixels are still fine without it
+        return img
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what}: cannot apply its EXIF orientation {orientation}: {e}") from None
 
 
 def _resized(pixels: np.ndarray, size: Size, max_pixels: int) -> np.ndarray:
@@ -125,7 +180,7 @@ def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
     if w * h > max_pixels:
         raise InputError(
             f"{what} has {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-            "(a decompression bomb guard; raise max_image_pixels to allow it)"
+            "(a decompression bomb guard; raise max_image_pixels=, or --max-image-pixels, to allow it)"
         )
 
 

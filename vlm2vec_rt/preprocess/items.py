@@ -29,10 +29,13 @@ class Item:
     instruction: str | None = None
 
     def __post_init__(self) -> None:
-        if self.text is not None and not isinstance(self.text, str):
-            raise InputError(f"Item.text must be a str or None, got {type(self.text).__name__}")
-        if self.instruction is not None and not isinstance(self.instruction, str):
-            raise InputError(f"Item.instruction must be a str or None, got {type(self.instruction).__name__}")
+        for name in ("text", "instruction"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise InputError(f"Item.{name} must be a str or None, got {type(value).__name__}")
+            check_unicode(value, f"Item.{name}")
         accepted = (str, os.PathLike, bytes, bytearray, np.ndarray)
         if self.image is not None and not isinstance(self.image, accepted) and not _is_pil_image(self.image):
             raise InputError(
@@ -78,6 +81,17 @@ class Item:
         return text
 
 
+def check_unicode(text: str, what: str) -> None:
+    """InputError unless `text` is encodable Unicode: a lone surrogate (from a bad JSON escape such as
+    "\\ud800", or undecodable bytes on a command line) is not text a tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{what} is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}"
+        ) from None
+
+
 def _is_pil_image(obj: Any) -> bool:
     try:
         from PIL import Image
@@ -90,6 +104,10 @@ def as_items(inputs: Sequence[Any]) -> list[Item]:
     """Normalise what `encode` accepts (Item, str for text, PIL.Image for an image) into Items."""
     if isinstance(inputs, (str, Item)) or _is_pil_image(inputs):
         raise InputError("encode takes a sequence of items; wrap a single item in a list")
+    if isinstance(inputs, (bytes, bytearray, dict)) or not hasattr(inputs, "__iter__"):
+        raise InputError(
+            f"encode takes a sequence of items (Item, str or PIL.Image), got {type(inputs).__name__}"
+        )
     items: list[Item] = []
     for i, x in enumerate(inputs):
         try:
@@ -109,43 +127,84 @@ def as_items(inputs: Sequence[Any]) -> list[Item]:
 def read_jsonl_items(path: str | os.PathLike, *, instruction: str | None = None) -> list[Item]:
     """Items from a JSONL file, one object per line with "text", "image" (path), "instruction" keys.
 
-    Relative image paths are resolved against the file's folder; `instruction` is the default for lines
-    that give none. Errors name the file and line.
+    The file is UTF-8 (a byte-order mark is allowed). Relative image paths are resolved against the file's
+    folder; `instruction` is the default for lines that give none. Errors name the file and line.
     """
     import json
 
     path = os.fspath(path)
+    if not path:
+        raise InputError("input file name is empty")
     if not os.path.isfile(path):
         raise InputError(f"input file {path!r} does not exist")
     base = os.path.dirname(os.path.abspath(path))
     items: list[Item] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise InputError(f"input file {path!r} cannot be read: {e.strerror or e}") from None
+    for lineno, raw in enumerate(lines, 1):
+        where = f"{path}, line {lineno}"
+        line = _decode_line(raw, lineno, where)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+            raise InputError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        except RecursionError:
+            raise InputError(f"{where}: not valid JSON (nested too deeply)") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        unknown = set(row) - {"text", "image", "instruction"}
+        if unknown:
+            raise InputError(f"{where}: unknown field(s) {sorted(unknown)}")
+        image = row.get("image")
+        if image is not None:
+            if not isinstance(image, str) or not image:
+                raise InputError(f"{where}: field 'image' must be a non-empty path string")
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            unknown = set(row) - {"text", "image", "instruction"}
-            if unknown:
-                raise InputError(f"{where}: unknown field(s) {sorted(unknown)}")
-            image = row.get("image")
-            if image is not None:
-                if not isinstance(image, str) or not image:
-                    raise InputError(f"{where}: field 'image' must be a non-empty path string")
-                image = os.path.join(base, image)
-                if not os.path.isfile(image):
-                    raise InputError(f"{where}: image file {image!r} does not exist")
-            try:
-                items.append(
-                    Item(text=row.get("text"), image=image, instruction=row.get("instruction", instruction))
-                )
+                check_unicode(image, "field 'image'")
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
+            image = os.path.join(base, image)
+            if not os.path.isfile(image):
+                raise InputError(f"{where}: image file {image!r} does not exist")
+        try:
+            items.append(
+                Item(text=row.get("text"), image=image, instruction=row.get("instruction", instruction))
+            )
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
     if not items:
         raise InputError(f"input file {path!r} has no items")
     return items
+
+
+_UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+
+
+def _decode_line(raw: bytes, lineno: int, where: str) -> str:
+    """One line of a JSONL file as text: UTF-8, the first line's byte-order mark dropped."""
+    if lineno == 1:
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        elif raw.startswith(_UTF16_32_BOMS):
+            raise InputError(f"{where}: the file is UTF-16 or UTF-32; JSONL input must be UTF-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+            "JSONL input must be UTF-8"
+        ) from None
+
+
+def string_cell(value, where: str, column: str) -> str:
+    """A parquet string cell: "" for null, InputError naming the row and column for anything but a str."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{where}: column {column!r} must hold a string, got {type(value).__name__}")
+    return value

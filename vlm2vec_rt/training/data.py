@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..eval.reader import string_cell
-from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER, Item
+from ..preprocess.images import StoredImage
+from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER, Item, string_cell
 
 QUERY_COLUMNS = ("qry", "qry_image_path")
 POSITIVE_COLUMNS = ("pos_text", "pos_image_path")
@@ -164,7 +164,8 @@ class _RowReader:
             if not self._exists[image_path]:
                 raise InputError(f"{where}: the {side} image file {image!r} does not exist")
         try:
-            return Item(text=text or None, image=image)
+            # decoded as stored, as the official VLM2Vec training reads its images (a plain Image.open)
+            return Item(text=text or None, image=None if image is None else StoredImage(image))
         except InputError as e:
             raise InputError(f"{where}: the {side}: {e}") from None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from torch import nn
 from .. import atomic, distributed, profiles
 from ..errors import InputError
 from ..models.backbones import Backbone, load_backbone
+from ..preprocess.images import DEFAULT_MAX_PIXELS
 from ..preprocess.items import Item
 from ..progress import progress_bar
 from . import checkpoint as ckpt
@@ -77,6 +79,7 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool | None = None  # None: on CUDA devices
     image_resolution: str | None = None
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # images over this are refused (decompression-bomb guard)
     profile: str = profiles.DEFAULT_PROFILE  # the input recipe trained on, recorded beside the result
 
     def check(self, world: int) -> None:
@@ -86,10 +89,26 @@ class TrainConfig:
                 raise InputError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.batch_size < world:
             raise InputError(f"batch size {self.batch_size} is smaller than the {world} ranks")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise InputError("learning rate and temperature must be > 0")
+        # NaN passes every comparison but ==, so each number is checked to be finite first
+        numbers = {
+            "lr": (self.lr, "> 0", lambda v: v > 0),
+            "temperature": (self.temperature, "> 0", lambda v: v > 0),
+            "weight_decay": (self.weight_decay, ">= 0", lambda v: v >= 0),
+            "max_grad_norm": (self.max_grad_norm, ">= 0 (0: no clipping)", lambda v: v >= 0),
+            "lora_dropout": (self.lora_dropout, "in [0, 1)", lambda v: 0 <= v < 1),
+            "lora_alpha": (self.lora_alpha, "> 0", lambda v: v is None or v > 0),
+        }
+        for key, (value, rule, ok) in numbers.items():
+            try:
+                finite = value is None or math.isfinite(value)
+            except TypeError:  # not a number at all
+                finite = False
+            if not finite or not ok(value):
+                raise InputError(f"{key.replace('_', '-')} must be a finite number {rule}, got {value!r}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise InputError(f"warmup steps must be in [0, steps], got {self.warmup_steps}")
+        if self.max_image_pixels < 1:
+            raise InputError(f"max-image-pixels must be >= 1, got {self.max_image_pixels}")
         profiles.check_profile(self.profile)
 
 
@@ -229,6 +248,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress: bool, callback) -> Path:
         set_rng_state(state.rng[rank])
         step, epoch, batch_index = state.step, state.epoch, state.batch_index
         log.info("resumed from %s (step %d)", last, step)
+        if rank == 0:
+            _truncate_log(out / LOG_FILE, step)
     elif resume:
         log.info("no checkpoint in %s: starting from step 0", out)
     if rank == 0 and not continuing:
@@ -294,6 +315,7 @@ def _load_model(cfg: TrainConfig) -> tuple[Backbone, nn.Module | None]:
         dtype="float32",
         keep_lm_head=cfg.full_finetune,  # a fully fine-tuned model is saved whole
         image_resolution=cfg.image_resolution,
+        max_image_pixels=cfg.max_image_pixels,
         profile=cfg.profile,
     )
     torch.manual_seed(cfg.seed)  # adapter initialisation
@@ -344,6 +366,22 @@ def _check_out_dir(out: Path, cfg: TrainConfig, *, resume: bool) -> bool:
         detail = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise InputError(f"cannot resume the run in {os.fspath(out)!r} with other settings ({detail})")
     return True
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps 1..step: those after it (and a line cut short by a kill) came from the
+    interrupted run past its last checkpoint, and the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept: dict[int, bytes] = {}
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(logged, int) and 0 < logged <= step and line.endswith(b"\n"):
+            kept[logged] = line  # one line a step: the last one written
+    atomic.write_bytes(path, b"".join(kept[k] for k in sorted(kept)))
 
 
 def _log_step(out: Path, step: int, metrics: dict[str, float], *, info: bool) -> None:
