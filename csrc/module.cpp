@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "phi3v.h"
 #include "pool.h"
 #include "resample.h"
 #include "tiling.h"
@@ -172,6 +173,37 @@ void run_qwen_job(const QwenJob& job, const QwenArgs& q, const Lut& lut, Scratch
 
 py::tuple grid_thw(const Qwen2VLPlan& plan) { return py::make_tuple(1, plan.grid_h, plan.grid_w); }
 
+struct Phi3VJob {
+    StridedImage image;
+    Phi3VPlan plan;
+    float* out;
+};
+
+Phi3VJob prepare_phi3v(const py::handle& image, const std::string& what, int num_crops, const Lut& lut,
+                       py::array& out) {
+    if (lut.half) throw std::invalid_argument("phi3v: lut must be float32 (the official outputs are float32)");
+    Phi3VJob job;
+    job.image = check_image(image, what);
+    try {
+        job.plan = plan_phi3v(job.image.height, job.image.width, num_crops);
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(what + " (" + std::to_string(job.image.width) + "x" +
+                                    std::to_string(job.image.height) + "): " + e.what());
+    }
+    out = new_output(false, {num_crops + 1, 3, kPhi3VCrop, kPhi3VCrop});
+    job.out = static_cast<float*>(out.mutable_data());
+    return job;
+}
+
+void run_phi3v_job(const Phi3VJob& job, const Lut& lut, Scratch& scratch) {
+    run_phi3v(packed_view(job.image, scratch), job.plan, static_cast<const float*>(lut.data), job.out, scratch);
+}
+
+// (pixel_values, image_size (h, w), num_img_tokens), as Phi3VImageProcessor returns them for one image.
+py::tuple phi3v_result(const py::array& out, const Phi3VPlan& plan) {
+    return py::make_tuple(out, py::make_tuple(plan.hd_h, plan.hd_w), plan.tokens());
+}
+
 int hardware_threads() {
     unsigned n = std::thread::hardware_concurrency();
     return n == 0 ? 1 : static_cast<int>(n);
@@ -185,7 +217,7 @@ int resolve_threads(int num_threads) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "vlm2vec-rt native core: image tiling for anyres / Qwen2-VL inputs";
+    m.doc() = "vlm2vec-rt native core: image tiling for anyres / Qwen2-VL / Phi-3.5-V inputs";
 
     m.def("hardware_threads", &hardware_threads,
           "Number of hardware threads the tiling pool may use (num_threads=0).");
@@ -327,6 +359,56 @@ PYBIND11_MODULE(_C, m) {
         py::arg("images"), py::arg("patch_size"), py::arg("merge_size"), py::arg("temporal_patch_size"),
         py::arg("min_pixels"), py::arg("max_pixels"), py::arg("lut"), py::arg("num_threads"),
         "qwen2vl over a list of images on num_threads threads (0: all hardware threads), GIL released.");
+
+    m.def(
+        "phi3v_plan",
+        [](int height, int width, int num_crops) {
+            const Phi3VPlan p = plan_phi3v(height, width, num_crops);
+            return py::dict(py::arg("transposed") = p.transposed,
+                            py::arg("resized") = py::make_tuple(p.resized_h, p.resized_w),
+                            py::arg("pad") = py::make_tuple(p.pad_top, p.pad_left),
+                            py::arg("image_size") = py::make_tuple(p.hd_h, p.hd_w),
+                            py::arg("grid") = py::make_tuple(p.rows, p.cols), py::arg("num_img_tokens") = p.tokens());
+        },
+        py::arg("height"), py::arg("width"), py::arg("num_crops"),
+        "Phi-3.5-V HD transform of an image of this size: resized size, padding, HD size, crop grid, tokens.");
+
+    m.def(
+        "phi3v",
+        [](const py::object& image, int num_crops, const py::array& lut_arr) {
+            const Lut lut = check_lut(lut_arr);
+            py::array out;
+            const Phi3VJob job = prepare_phi3v(image, "image", num_crops, lut, out);
+            {
+                py::gil_scoped_release release;
+                parallel_for(1, 1, [&](int, Scratch& scratch) { run_phi3v_job(job, lut, scratch); });
+            }
+            return phi3v_result(out, job.plan);
+        },
+        py::arg("image"), py::arg("num_crops"), py::arg("lut"),
+        "Phi-3.5-V views [num_crops + 1, 3, 336, 336], image size (h, w) and image-token count of one image.");
+
+    m.def(
+        "phi3v_batch",
+        [](const py::list& images, int num_crops, const py::array& lut_arr, int num_threads) {
+            const Lut lut = check_lut(lut_arr);
+            const int threads = resolve_threads(num_threads);
+            const size_t n = images.size();
+            std::vector<py::array> outs(n);
+            std::vector<Phi3VJob> jobs(n);
+            for (size_t i = 0; i < n; ++i)
+                jobs[i] = prepare_phi3v(images[i], "image " + std::to_string(i), num_crops, lut, outs[i]);
+            {
+                py::gil_scoped_release release;
+                parallel_for(static_cast<int>(n), threads,
+                             [&](int i, Scratch& scratch) { run_phi3v_job(jobs[i], lut, scratch); });
+            }
+            py::list result;
+            for (size_t i = 0; i < n; ++i) result.append(phi3v_result(outs[i], jobs[i].plan));
+            return result;
+        },
+        py::arg("images"), py::arg("num_crops"), py::arg("lut"), py::arg("num_threads"),
+        "phi3v over a list of images on num_threads threads (0: all hardware threads), GIL released.");
 
     m.def(
         "resize_bicubic",

@@ -1,4 +1,4 @@
-// Pillow-exact bicubic resampling (see resample.h). The arithmetic mirrors Pillow's
+// Pillow-exact resampling (see resample.h). The arithmetic mirrors Pillow's
 // src/libImaging/Resample.c (precompute_coeffs, normalize_coeffs_8bpc, ImagingResample*_8bpc,
 // ImagingResampleInner) so every output byte matches; the SIMD kernels (AVX2, AVX-512) do the same
 // integer sums.
@@ -24,7 +24,15 @@ namespace {
 
 constexpr int kPrecisionBits = 32 - 8 - 2;  // Pillow's PRECISION_BITS
 constexpr int kHalf = 1 << (kPrecisionBits - 1);
+constexpr double kBilinearSupport = 1.0;
 constexpr double kBicubicSupport = 2.0;
+
+// Pillow's bilinear_filter (a triangle), written with the same operation order.
+inline double bilinear(double x) {
+    if (x < 0.0) x = -x;
+    if (x < 1.0) return 1.0 - x;
+    return 0.0;
+}
 
 // Pillow's bicubic_filter (a = -0.5), written with the same operation order.
 inline double bicubic(double x) {
@@ -385,6 +393,24 @@ __attribute__((target("avx512f,avx512bw"))) void vertical_avx512(const RgbView& 
 }
 #endif  // VLM2VEC_X86
 
+}  // namespace
+
+Isa best_isa() {
+    static const Isa best = detect_isa();
+    return best;
+}
+
+Isa active_isa() {
+    int v = g_isa.load(std::memory_order_relaxed);
+    return v < 0 ? best_isa() : static_cast<Isa>(v);
+}
+
+void set_isa(Isa isa) {
+    g_isa.store(static_cast<int>(std::min(isa, best_isa())), std::memory_order_relaxed);
+}
+
+const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "scalar"; }
+
 void horizontal_pass(const RgbView& src, int y0, int rows, const Taps& t, uint8_t* dst, ptrdiff_t dst_stride,
                      Scratch& scratch) {
 #ifdef VLM2VEC_X86
@@ -405,32 +431,16 @@ void vertical_pass(const RgbView& src, const Taps& t, uint8_t* dst, ptrdiff_t ds
     vertical_scalar(src, t, dst, dst_stride);
 }
 
-}  // namespace
-
-Isa best_isa() {
-    static const Isa best = detect_isa();
-    return best;
-}
-
-Isa active_isa() {
-    int v = g_isa.load(std::memory_order_relaxed);
-    return v < 0 ? best_isa() : static_cast<Isa>(v);
-}
-
-void set_isa(Isa isa) {
-    g_isa.store(static_cast<int>(std::min(isa, best_isa())), std::memory_order_relaxed);
-}
-
-const char* isa_name(Isa isa) { return isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "scalar"; }
-
 // Pillow's precompute_coeffs + normalize_coeffs_8bpc for box (0, in_size), same double arithmetic.
-Taps bicubic_taps(int in_size, int out_size) {
+Taps filter_taps(Filter filter, int in_size, int out_size) {
     if (in_size <= 0 || out_size <= 0) throw std::invalid_argument("resize sizes must be positive");
+    double (*const fn)(double) = filter == Filter::bilinear ? bilinear : bicubic;
+    const double filter_support = filter == Filter::bilinear ? kBilinearSupport : kBicubicSupport;
     Taps t;
     // Pillow takes the box as floats: (double)(in1 - in0) with in0 = 0.
     const double scale = static_cast<double>(static_cast<float>(in_size) - 0.0f) / out_size;
     const double filterscale = scale < 1.0 ? 1.0 : scale;
-    const double support = kBicubicSupport * filterscale;
+    const double support = filter_support * filterscale;
     t.out_size = out_size;
     t.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
     t.first.resize(out_size);
@@ -447,7 +457,7 @@ Taps bicubic_taps(int in_size, int out_size) {
         xmax -= xmin;
         double ww = 0.0;
         for (int x = 0; x < xmax; ++x) {
-            const double w = bicubic((x + xmin - center + 0.5) * ss);
+            const double w = fn((x + xmin - center + 0.5) * ss);
             k[x] = w;
             ww += w;
         }
@@ -464,45 +474,44 @@ Taps bicubic_taps(int in_size, int out_size) {
     return t;
 }
 
-// ImagingResampleInner (Pillow 13): horizontal pass first over only the rows the vertical pass reads,
-// unless the height shrinks by more than twice as many pixels as the width, then vertical first. A
-// direction whose size does not change is skipped; an unchanged image is copied.
-void resize_bicubic(const RgbView& src, int out_h, int out_w, uint8_t* dst, ptrdiff_t dst_stride,
-                    Scratch& scratch) {
-    const bool need_h = out_w != src.width;
-    const bool need_v = out_h != src.height;
-    if (!need_h && !need_v) {
+// ImagingResampleInner's passes: horizontal first over only the rows the vertical pass reads, or vertical
+// first over the whole image; the intermediate image is uint8 (rounded and clipped), as Pillow's.
+void resample(const RgbView& src, const Taps* tx, const Taps* ty, bool horizontal_first, uint8_t* dst,
+              ptrdiff_t dst_stride, Scratch& scratch) {
+    const int out_w = tx ? tx->out_size : src.width;
+    const int out_h = ty ? ty->out_size : src.height;
+    if (!tx && !ty) {
         for (int y = 0; y < out_h; ++y)
             std::memcpy(dst + y * dst_stride, src.row(y), static_cast<size_t>(out_w) * 3);
         return;
     }
-    const int64_t shrink_h = static_cast<int64_t>(src.height) - out_h;
-    const int64_t shrink_w = static_cast<int64_t>(src.width) - out_w;
-    const bool horizontal_first = !(shrink_h > 0 && shrink_h > shrink_w * 2);
-    if (!need_h) {
-        vertical_pass(src, bicubic_taps(src.height, out_h), dst, dst_stride);
-        return;
-    }
-    const Taps th = bicubic_taps(src.width, out_w);
-    if (!need_v) {
-        horizontal_pass(src, 0, src.height, th, dst, dst_stride, scratch);
-        return;
-    }
-    Taps tv = bicubic_taps(src.height, out_h);
+    if (!tx) return vertical_pass(src, *ty, dst, dst_stride);
+    if (!ty) return horizontal_pass(src, 0, src.height, *tx, dst, dst_stride, scratch);
     if (horizontal_first) {
-        const int y_first = tv.first[0];
-        const int y_last = tv.first[out_h - 1] + tv.count[out_h - 1];
+        const int y_first = ty->first[0];
+        const int y_last = ty->first[out_h - 1] + ty->count[out_h - 1];
+        Taps tv = *ty;  // its rows counted from y_first, the first row of the intermediate image
         for (int& f : tv.first) f -= y_first;
         const ptrdiff_t temp_stride = static_cast<ptrdiff_t>(out_w) * 3;
         uint8_t* temp = scratch.temp.get(static_cast<size_t>(y_last - y_first) * temp_stride);
-        horizontal_pass(src, y_first, y_last - y_first, th, temp, temp_stride, scratch);
+        horizontal_pass(src, y_first, y_last - y_first, *tx, temp, temp_stride, scratch);
         vertical_pass(RgbView{temp, temp_stride, y_last - y_first, out_w}, tv, dst, dst_stride);
     } else {
         const ptrdiff_t temp_stride = static_cast<ptrdiff_t>(src.width) * 3;
         uint8_t* temp = scratch.temp.get(static_cast<size_t>(out_h) * temp_stride);
-        vertical_pass(src, tv, temp, temp_stride);
-        horizontal_pass(RgbView{temp, temp_stride, out_h, src.width}, 0, out_h, th, dst, dst_stride, scratch);
+        vertical_pass(src, *ty, temp, temp_stride);
+        horizontal_pass(RgbView{temp, temp_stride, out_h, src.width}, 0, out_h, *tx, dst, dst_stride, scratch);
     }
+}
+
+// A direction whose size does not change is skipped; an unchanged image is copied.
+void resize_bicubic(const RgbView& src, int out_h, int out_w, uint8_t* dst, ptrdiff_t dst_stride,
+                    Scratch& scratch) {
+    Taps tx, ty;
+    if (out_w != src.width) tx = bicubic_taps(src.width, out_w);
+    if (out_h != src.height) ty = bicubic_taps(src.height, out_h);
+    resample(src, out_w != src.width ? &tx : nullptr, out_h != src.height ? &ty : nullptr,
+             pillow_horizontal_first(src.height, src.width, out_h, out_w), dst, dst_stride, scratch);
 }
 
 }  // namespace vlm2vec

@@ -4,7 +4,9 @@
 as transformers' `LlavaNextImageProcessorPil` / `Qwen2VLImageProcessorPil` for one image: the resize is
 Pillow's bicubic reproduced bit for bit (antialiased when downscaling), and rescale + normalise are a
 per-channel table built with exactly the reference's float operations, so float32 outputs are bit-equal
-and float16 outputs are the float32 ones rounded. The native code releases the GIL; the `_batch`
+and float16 outputs are the float32 ones rounded. `phi3v` gives Phi-3.5-V's views as its official
+`Phi3VImageProcessor` does (Pillow's bilinear resize bit for bit, so its crops are bit-equal; the global
+view is torch's bicubic interpolate to float rounding). The native code releases the GIL; the `_batch`
 functions spread a list of images over threads.
 
 Inputs are uint8 HxWx3 RGB arrays, contiguous or not (decoding stays in `preprocess.images`).
@@ -190,6 +192,67 @@ def qwen2vl_size(
             what=f"image {width}x{height}",
         )
     )
+
+
+# ---- Phi-3.5-V -----------------------------------------------------------------------------------------
+MAX_PHI3V_CROPS = 64  # the released configurations use 4 and 16
+
+
+def phi3v(
+    image: np.ndarray,
+    *,
+    num_crops: int = 16,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, tuple[int, int], int]:
+    """Phi-3.5-V views of one uint8 HxWx3 image: (pixel_values, image_size, num_img_tokens).
+
+    What the official Phi3VImageProcessor returns for one image (`preprocess.phi3v` is the plain-Python
+    reference, step by step): pixel_values float32 [num_crops + 1, 3, 336, 336] = the global view (the
+    normalised HD image resized bicubic to 336x336, as torch's interpolate) then the HD image's 336-crops
+    row-major, then zero views; image_size (h, w) of the HD image (the image resized Pillow-bilinear to
+    whole 336-crops across its long side, padded with white to a multiple of 336 across the other);
+    num_img_tokens = (crops + 1) * 144 + 1 + (h // 336 + 1) * 12. The crops are bit-equal to the
+    official ones; the global view differs by float rounding (its two 1-D passes run in the other order).
+    An aspect ratio so extreme that a side would be resized to 0 pixels is an InputError (the official
+    processor fails there too).
+    """
+    lut = _phi3v_args(num_crops, mean, std)
+    _check_image(image, "image", max_image_pixels)
+    pixel_values, size, tokens = _native(_C.phi3v, image, int(num_crops), lut)
+    return pixel_values, tuple(size), int(tokens)
+
+
+def phi3v_batch(
+    images: Sequence[np.ndarray],
+    *,
+    num_threads: int = 0,
+    num_crops: int = 16,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[tuple[np.ndarray, tuple[int, int], int]]:
+    """`phi3v` of every image, on num_threads threads (0: every core this process may use), GIL released."""
+    lut = _phi3v_args(num_crops, mean, std)
+    images = _check_images(images, max_image_pixels)
+    out = _native(_C.phi3v_batch, images, int(num_crops), lut, _threads(num_threads))
+    return [(pv, tuple(size), int(tokens)) for pv, size, tokens in out]
+
+
+def phi3v_plan(height: int, width: int, *, num_crops: int = 16) -> dict[str, Any]:
+    """Phi-3.5-V's HD transform of an image of height x width, without touching pixels.
+
+    Keys: transposed (width < height: the official code resizes the transposed image), resized
+    (height, width) before padding, pad (top, left) of white before the image, image_size (height, width)
+    of the HD image, grid (rows, cols) of 336-crops, num_img_tokens.
+    """
+    for name, v in (("height", height), ("width", width)):
+        if not _is_int(v) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    _check_phi3v_crops(num_crops)
+    plan = _native(_C.phi3v_plan, int(height), int(width), int(num_crops), what=f"image {width}x{height}")
+    return {k: tuple(v) if isinstance(v, tuple) else v for k, v in plan.items()}
 
 
 # ---- resize -------------------------------------------------------------------------------------------
@@ -413,6 +476,18 @@ def _qwen_args(
     return int(patch_size), int(merge_size), int(temporal_patch_size), int(min_pixels), int(max_pixels), lut
 
 
+def _check_phi3v_crops(num_crops: Any) -> None:
+    if not _is_int(num_crops) or not 1 <= num_crops <= MAX_PHI3V_CROPS:
+        raise InputError(f"num_crops must be an integer in [1, {MAX_PHI3V_CROPS}], got {num_crops!r}")
+
+
+def _phi3v_args(num_crops: Any, mean: Any, std: Any) -> np.ndarray:
+    """The float32 table of ToTensor + Normalize: float32(x) / 255 (the same float32 values as the
+    rescale of `_lut` for every x, checked by the tests), then (x - mean) / std in float32."""
+    _check_phi3v_crops(num_crops)
+    return _lut_for(mean, std, RESCALE_FACTOR, "float32")
+
+
 def _threads(num_threads: Any) -> int:
     if not _is_int(num_threads) or num_threads < 0:
         raise InputError(f"num_threads must be an integer >= 0 (0: all cores), got {num_threads!r}")
@@ -438,12 +513,16 @@ __all__ = [
     "CLIP_STD",
     "HIGH_RESOLUTION",
     "HIGH_RESOLUTION_PINPOINTS",
+    "MAX_PHI3V_CROPS",
     "RESCALE_FACTOR",
     "anyres",
     "anyres_batch",
     "anyres_plan",
     "buffer_cache",
     "llava_next_options",
+    "phi3v",
+    "phi3v_batch",
+    "phi3v_plan",
     "qwen2vl",
     "qwen2vl_batch",
     "qwen2vl_options",
