@@ -33,8 +33,20 @@ def tiny_qwen25(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "qwen2_5_vl", "qwen2_5_vl", seed=0))
 
 
+@pytest.fixture(scope="session")
+def tiny_phi3v(tmp_path_factory) -> str:
+    from vlm2vec_rt.models.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "phi3_v", "phi3_v", seed=0))
+
+
 # every registered backbone, and the fixture that writes its tiny model
-TINY_FIXTURES = {"llava_next": "tiny_llava", "qwen2_vl": "tiny_qwen", "qwen2_5_vl": "tiny_qwen25"}
+TINY_FIXTURES = {
+    "llava_next": "tiny_llava",
+    "qwen2_vl": "tiny_qwen",
+    "qwen2_5_vl": "tiny_qwen25",
+    "phi3_v": "tiny_phi3v",
+}
 
 
 @pytest.fixture(scope="session", params=list(TINY_FIXTURES))

@@ -81,7 +81,7 @@ def test_pooling_matches_plain_transformers_forward(emb, photos):
     kwargs = dict(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
     )
-    if bb.name == "llava_next":
+    if bb.name in ("llava_next", "phi3_v"):
         kwargs["image_sizes"] = batch.image_meta
     else:
         kwargs["image_grid_thw"] = batch.image_meta

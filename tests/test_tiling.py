@@ -512,7 +512,10 @@ def test_embedder_cpp_tiling_matches_transformers(tiny_model, photos, rng):
     for im in images:
         a, b = cpp.pre.preprocess_image(im), ref.pre.preprocess_image(im)
         assert a.meta == b.meta and a.num_tokens == b.num_tokens
-        np.testing.assert_array_equal(a.pixel_values, b.pixel_values)
+        if cpp.backbone.name == "phi3_v":  # its global view's bicubic sums in another order than torch's
+            np.testing.assert_allclose(a.pixel_values, b.pixel_values, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(a.pixel_values, b.pixel_values)
     cos = np.sum(cpp.encode(items) * ref.encode(items), axis=1)
     assert cos.min() >= 0.9999, cos
 

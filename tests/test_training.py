@@ -371,7 +371,8 @@ def test_merged_model_embeds_like_the_adapter(tmp_path, tiny_model, photos, dora
                 p.add_(torch.randn_like(p) * 0.3)
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    merged = merge_adapter(tiny_model, tmp_path / "adapter", tmp_path / "merged")
+    # in fp32: the Phi-3.5-V tiny model is bf16 like the official one, and a bf16 merge rounds the sums
+    merged = merge_adapter(tiny_model, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
     items = [
         Item(text="a cat"),

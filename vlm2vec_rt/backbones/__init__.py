@@ -10,10 +10,10 @@ one line below.
 from __future__ import annotations
 
 from ..errors import InputError
-from . import llava_next, qwen2_5_vl, qwen2_vl
+from . import llava_next, phi3_v, qwen2_5_vl, qwen2_vl
 from .base import Entry
 
-REGISTRY: dict[str, Entry] = {m.ENTRY.name: m.ENTRY for m in (llava_next, qwen2_vl, qwen2_5_vl)}
+REGISTRY: dict[str, Entry] = {m.ENTRY.name: m.ENTRY for m in (llava_next, qwen2_vl, qwen2_5_vl, phi3_v)}
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 

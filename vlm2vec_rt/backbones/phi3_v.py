@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import InputError
 from ..models.backbones import Backbone, Batch, torch_dtype
 from ..models.preprocessors import ImageInputs, NumpyBatch, Preprocessor, quiet_transformers
-from ..models.tiny import decoder_sizes, intermediate_size
+from ..models.tiny import decoder_sizes, vision_intermediate_size
 from ..preprocess import text as text_ops
 from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER
 from .base import EMBED_TOKENS, Entry, Host, TinySpec, load_npy, sequential_position_ids
@@ -150,9 +150,11 @@ class Phi3VConfig:
     text_config: transformers' Phi3Config of the decoder; vision_config: the CLIP tower's CLIPVisionConfig
     (`img_processor.clip_vision_config` when config.json holds one, else CLIP ViT-L/14-336);
     image_token_id: the embedding row marking image slots; layer_idx: the CLIP hidden state read.
-    """
 
-    model_type = "phi3_v"
+    It has no `model_type` attribute on purpose: peft treats a model whose config has one as a transformers
+    model and applies transformers' checkpoint renamings to it (CLIP's drop `vision_model.`, which the
+    official names keep).
+    """
 
     def __init__(self, raw: dict, image_token_id: int):
         from transformers import CLIPVisionConfig, Phi3Config
@@ -241,6 +243,7 @@ class Phi3VConfig:
         return dict(self.raw)
 
     def get(self, key: str, default: Any = None) -> Any:
+        """A config.json key's value (dict-style access, as peft reads configs)."""
         return self.raw.get(key, default)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -255,9 +258,9 @@ def _in_vocab(token_id: Any, vocab_size: int) -> bool:
 
 
 def image_slot_id(tokenizer: Any, vocab_size: int) -> int:
-    """The id marking image slots: the first embedding row past the tokenizer's vocabulary, which no text
+    """The id marking image slots: the first embedding row past every id of the tokenizer, which no text
     produces; without a spare row, `<unk>`'s (the row the official code's clamped negative ids look up)."""
-    n = len(tokenizer)
+    n = max(tokenizer.get_vocab().values(), default=-1) + 1
     if n < vocab_size:
         return n
     if tokenizer.unk_token_id is None:
@@ -307,10 +310,6 @@ class Phi3VPreprocessor(Preprocessor):
 
     name = "phi3_v"
 
-    def __init__(self, config: Any, tokenizer: Any, image_processor: Any, **kwargs: Any):
-        super().__init__(config, tokenizer, image_processor, **kwargs)
-        self.side = config.side // 2  # tokens per row of a view, 12
-
     @classmethod
     def load(
         cls, path: str | os.PathLike, *, num_crops: int | None = None, **kwargs: Any
@@ -340,6 +339,7 @@ class Phi3VPreprocessor(Preprocessor):
 
     @property
     def num_crops(self) -> int:
+        """The HD transform's crop budget in use (preprocessor_config.json's, or the override)."""
         return self.image_processor.num_crops
 
     def cpp_options(self) -> dict[str, Any]:
@@ -449,8 +449,9 @@ def hd_token_layout(rows: int, cols: int, side: int) -> np.ndarray:
 
 
 def image_grids(image_meta: Any) -> list[tuple[int, int]]:
-    """(rows, cols) of 336-crops of each image, from its HD size (h, w)."""
-    return [(int(h) // CROP, int(w) // CROP) for h, w in np.asarray(image_meta).tolist()]
+    """(rows, cols) of 336-crops of each image, from its HD size (h, w) (numpy, torch on any device, lists)."""
+    sizes = image_meta.tolist() if hasattr(image_meta, "tolist") else image_meta
+    return [(int(h) // CROP, int(w) // CROP) for h, w in sizes]
 
 
 class CLIPTower(nn.Module):
@@ -533,14 +534,17 @@ class Phi3VModel(nn.Module):
         self.layers = decoder.layers
         self.norm = decoder.norm
         self.rotary_emb = decoder.rotary_emb  # buffers only (follows .to())
+        self.image_token_id = config.image_token_id
         self.__dict__["language_model"] = decoder  # not registered: its parts are, under their official names
 
     def train(self, mode: bool = True) -> Phi3VModel:
+        """Train/eval mode for every part, `language_model` included (it is outside the module tree)."""
         super().train(mode)
         self.language_model.training = mode
         return self
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (`embed_tokens`)."""
         return self.embed_tokens
 
     def forward(
@@ -550,16 +554,16 @@ class Phi3VModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        image_token_id: int | None = None,
     ) -> Any:
-        """The whole model on ids (image slots = image_token_id) and the images' views [V, 3, 336, 336] with
-        their HD sizes [N, 2]: the decoder's output (last_hidden_state)."""
+        """The whole model on ids (image slots = config.image_token_id) and the images' views [V, 3, 336, 336]
+        with their HD sizes [N, 2], as the official Phi3VModel.forward: the decoder's output
+        (last_hidden_state)."""
         embeds = self.embed_tokens(input_ids)
         if pixel_values is not None:
             grids = image_grids(image_sizes)
             views = self.vision_embed_tokens.view_features(pixel_values)
             feats = self.vision_embed_tokens.pack(views, image_sizes, [1 + r * c for r, c in grids])
-            slots = (input_ids == image_token_id).unsqueeze(-1)
+            slots = (input_ids == self.image_token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slots, torch.cat(feats).to(embeds.dtype))
         return self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -689,7 +693,7 @@ class Phi3V(Backbone):
     def pack(
         self, view_features: torch.Tensor, image_meta: torch.Tensor, views_per_image: list[int]
     ) -> list[torch.Tensor]:
-        return self.inner.vision_embed_tokens.pack(view_features, image_meta.cpu(), views_per_image)
+        return self.inner.vision_embed_tokens.pack(view_features, image_meta, views_per_image)
 
     def position_ids(self, batch: Batch) -> torch.Tensor:
         return sequential_position_ids(batch.attention_mask)
@@ -770,14 +774,13 @@ VENDORED_SOURCE = (
 )
 
 
-class TinyPhi3V:
-    """What make_tiny_model saves of a tiny Phi-3.5-V: weights in bf16, config.json, the vendored files."""
-
-    def __init__(self, model: Phi3VForCausalLM):
-        self.model = model
+class TinyPhi3V(Phi3VForCausalLM):
+    """A tiny Phi-3.5-V as make_tiny_model saves it: weights in bf16, config.json, the vendored files."""
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        self.model.to(torch.bfloat16).save_pretrained(path)
+        """Write the model in bf16 (as the released checkpoints are) and the vendored files beside it."""
+        self.to(torch.bfloat16)
+        super().save_pretrained(path)
         for name in VENDORED_FILES:
             (Path(path) / name).write_text(VENDORED_SOURCE.format(name))
 
@@ -786,8 +789,9 @@ def build_tiny(tokenizer, o: dict):
     """A small Phi-3.5-V in the official layout (config with auto_map, official names, bf16 weights)."""
     sizes = decoder_sizes(o)
     head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
-    # RoPE factors of the real shape (one per frequency; make_tiny_model has seeded torch)
-    short = torch.sort(1.0 + 2.0 * torch.rand(head_dim // 2)).values
+    # RoPE factors of the real shape (one per frequency; make_tiny_model has seeded torch; on the CPU even
+    # when the model is built on the meta device)
+    short = torch.sort(1.0 + 2.0 * torch.rand(head_dim // 2, device="cpu")).values
     short, long = [round(float(x), 4) for x in short], [round(float(x) * 4, 4) for x in short]
     # embedding rows past the tokenizer's vocabulary, as the released checkpoints have (32064 for ~32011)
     vocab = max(sizes["vocab_size"], (len(tokenizer) // 64 + 1) * 64)
@@ -823,7 +827,7 @@ def build_tiny(tokenizer, o: dict):
             "clip_vision_config": {
                 **CLIP_VIT_L_336,
                 "hidden_size": vision,
-                "intermediate_size": intermediate_size(o, vision),
+                "intermediate_size": vision_intermediate_size(o),
                 "num_attention_heads": o["vision_heads"],
                 "num_hidden_layers": o["vision_layers"],
                 "projection_dim": vision,
@@ -842,13 +846,13 @@ def build_tiny(tokenizer, o: dict):
         "rope_scaling": {"long_factor": long, "short_factor": short, "type": "su"},
         "rope_theta": 10000.0,
         "sliding_window": 131072,
-        "tie_word_embeddings": bool(o.get("tie_word_embeddings", False)),
+        "tie_word_embeddings": o["tie_word_embeddings"],
         "torch_dtype": "bfloat16",
         "use_cache": True,
         "vocab_size": vocab,
     }
     config = Phi3VConfig(raw, image_slot_id(tokenizer, vocab))
-    model = Phi3VForCausalLM(config)
+    model = TinyPhi3V(config)
     with torch.no_grad():  # the official init is zeros: random here, so that the separators matter in tests
         for sep in (model.model.vision_embed_tokens.glb_GN, model.model.vision_embed_tokens.sub_GN):
             sep.normal_(std=o["initializer_range"] * 10)
@@ -868,10 +872,11 @@ def build_tiny(tokenizer, o: dict):
     from ..preprocess.tiling import CLIP_MEAN, CLIP_STD
 
     settings.raw.update(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return TinyPhi3V(model), settings
+    return model, settings
 
 
 def check_tiny(o: dict) -> None:
+    """InputError for tiny-model sizes Phi-3.5-V cannot take."""
     if o["image_size"] != CROP or o["patch_size"] != 14:
         raise InputError(
             "Phi-3.5-V's HD transform takes 336-pixel views in 24x24 patches: image_size must be 336, patch_size 14"
@@ -903,6 +908,23 @@ ENTRY = Entry(
         # CLIP ViT views of 336 pixels in 14-pixel patches (the HD transform's fixed geometry); num_crops as
         # VLM2Vec evaluated
         image_defaults=dict(image_size=CROP, patch_size=14, num_crops=4),
+        presets={
+            # microsoft/Phi-3.5-vision-instruct (VLM2Vec-Full's backbone): CLIP ViT-L/14-336, Phi-3.5-mini
+            # (full multi-head attention)
+            "phi-3.5-v": dict(
+                hidden_size=3072,
+                num_layers=32,
+                num_heads=32,
+                num_key_value_heads=32,
+                intermediate_size=8192,
+                vocab_size=32064,
+                vision_hidden_size=1024,
+                vision_layers=24,
+                vision_heads=16,
+                vision_intermediate_size=4096,
+                initializer_range=0.02,
+            ),
+        },
         check=check_tiny,
         build=build_tiny,
     ),
