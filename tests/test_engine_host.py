@@ -370,7 +370,7 @@ def unit_rows() -> np.ndarray:
 def test_parity_gate_takes_true_cosines(unit_rows):
     """Rows twice as long point the right way but are not unit: the gate fails on the norm, not passing
     on a dot product of 2; a row slightly long by less than the allowed error passes with cosine <= 1."""
-    reference = _FixedEncoder(unit_rows)
+    reference = unit_rows  # the eager reference's embeddings, computed before the build freed the model
     with pytest.raises(EngineError, match="norm 2.0"):
         parity_report(_FixedEncoder(2 * unit_rows), reference, 0.999)
     off = unit_rows.copy()
@@ -385,6 +385,8 @@ def test_parity_gate_takes_true_cosines(unit_rows):
     zero[0] = 0
     with pytest.raises(EngineError, match="parity item 0"):
         parity_report(_FixedEncoder(zero), reference, 0.99)
+    with pytest.raises(EngineError, match="reference embeddings for"):
+        parity_report(_FixedEncoder(unit_rows), unit_rows[:-1], 0.99)
 
 
 # ---- AOTInductor build on another device ----------------------------------------------------------------

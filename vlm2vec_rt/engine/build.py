@@ -12,6 +12,7 @@ also removes what killed builds of other names left beside it, where their lock 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from .backends import CHOICES, pick_auto, require
 from .export import graph_specs
 from .host import MAX_VIEWS_PER_CALL, write_host_assets
 from .manifest import MANIFEST, PARITY_THRESHOLDS, PRECISIONS, write_manifest
-from .parity import parity_report
+from .parity import parity_items, parity_report
 from .runtime import PREPROCESSOR_DIR, Engine
 
 log = logging.getLogger("vlm2vec_rt")
@@ -107,8 +108,15 @@ def _build(
     overwrite: bool,
     profile: str,
 ) -> None:
-    """build_engine's work, with out_dir checked and the build lock held."""
+    """build_engine's work, with out_dir checked and the build lock held.
+
+    Memory stays near one copy of the weights: the eager fp32 reference embeds the parity items first,
+    then it is the export source (fp32, int8) or is freed before the fp16 copy loads; the exported graphs'
+    torch modules are released as soon as the backend no longer needs them (onnxruntime: before
+    compiling), and the parity gate compares against the stored reference embeddings.
+    """
     t0 = time.perf_counter()
+    stages = _Stages(6)
     log.info(
         "building an engine of %s: %s, %s, %s backend, profile %s",
         model_dir,
@@ -117,40 +125,55 @@ def _build(
         backend,
         profile,
     )
-    reference = Embedder(load_backbone(model_dir, dtype="float32", profile=profile))
-    source = reference.backbone
-    if precision == "fp16":
-        source = load_backbone(model_dir, dtype="float16", profile=profile)
-    specs = graph_specs(source)
-    extra = {}
-    limits = {}
-    if backend == "tensorrt":
-        limits = {
-            "max_batch": TRT_MAX_BATCH,
-            "max_seq": reference.pre.max_length,
-            "max_views": MAX_VIEWS_PER_CALL,
-            "max_patches": TRT_MAX_PATCHES,
-        }
-        extra["limits"] = limits
-
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with stages("loading the model (fp32, the reference)"):
+            # on the engine's device: a GPU build's reference and export run there, not on the CPU
+            reference = Embedder(load_backbone(model_dir, dtype="float32", device=device, profile=profile))
+        with stages("reference embeddings of the parity items (eager fp32)"):
+            expected = reference.encode(parity_items(), batch_size=3)
+            reference.pre.save(tmp / PREPROCESSOR_DIR)
+            dim, max_seq = reference.dim, reference.pre.max_length
+        source = reference.backbone
+        del reference
+        if precision == "fp16":
+            with stages("loading the model in fp16 (the fp32 copy freed)"):
+                del source
+                gc.collect()
+                source = load_backbone(model_dir, dtype="float16", device=device, profile=profile)
+        else:
+            stages.skip("the fp32 model is the export source")
+        write_host_assets(source, tmp, dtype="float16" if precision == "fp16" else "float32")
+        specs = graph_specs(source)
+        del source  # the graphs' modules hold what export needs; the backend may release them early
+        described = {name: spec.describe() for name, spec in specs.items()}
+        extra = {}
+        limits = {}
+        if backend == "tensorrt":
+            limits = {
+                "max_batch": TRT_MAX_BATCH,
+                "max_seq": max_seq,
+                "max_views": MAX_VIEWS_PER_CALL,
+                "max_patches": TRT_MAX_PATCHES,
+            }
+            extra["limits"] = limits
         # raw exports (fp32 weights of a 7B model are 28 GB) go beside the engine, not to a small /tmp
         work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".work", dir=out_dir.parent))
         try:
-            log.info("exporting and compiling the vision and decoder graphs")
-            files = module.build(specs, tmp, precision=precision, device=device, work_dir=work, **extra)
+            what = "exporting, quantising and compiling" if precision == "int8" else "exporting and compiling"
+            with stages(f"{what} the vision and decoder graphs ({backend})"):
+                files = module.build(specs, tmp, precision=precision, device=device, work_dir=work, **extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        write_host_assets(source, tmp, dtype="float16" if precision == "fp16" else "float32")
-        reference.pre.save(tmp / PREPROCESSOR_DIR)
+        del specs
+        gc.collect()
         fields = {
             "backbone": backbone_name,
             "profile": profile,
             "precision": precision,
             "backend": backend,
             "device": device,
-            "dim": reference.dim,
-            "graphs": {name: {"file": files[name], **spec.describe()} for name, spec in specs.items()},
+            "dim": dim,
+            "graphs": {name: {"file": files[name], **described[name]} for name in described},
             "opset": _onnx_opset(tmp / files["decoder"]),
             "limits": limits,
             "preprocessor": PREPROCESSOR_DIR,
@@ -164,15 +187,41 @@ def _build(
         }
         write_manifest(tmp, fields, complete=False)
 
-        log.info("parity gate against eager fp32 (cosine >= %s)", PARITY_THRESHOLDS[precision])
-        engine = Engine.load(tmp, device=device, _allow_incomplete=True)
-        try:
-            fields["parity"] = parity_report(engine, reference, PARITY_THRESHOLDS[precision])
-        finally:
-            engine.close()
-        fields["build_seconds"] = round(time.perf_counter() - t0, 1)
-        write_manifest(tmp, fields, complete=True)
-    log.info("engine written to %s (min cosine %.6f)", out_dir, fields["parity"]["min_cosine"])
+        with stages(f"parity gate against eager fp32 (cosine >= {PARITY_THRESHOLDS[precision]})"):
+            engine = Engine.load(tmp, device=device, _allow_incomplete=True)
+            try:
+                fields["parity"] = parity_report(engine, expected, PARITY_THRESHOLDS[precision])
+            finally:
+                engine.close()
+        with stages("hashing the engine's files into its manifest"):
+            fields["build_seconds"] = round(time.perf_counter() - t0, 1)
+            write_manifest(tmp, fields, complete=True)
+    log.info(
+        "engine written to %s in %.1f s (min cosine %.6f)",
+        out_dir,
+        time.perf_counter() - t0,
+        fields["parity"]["min_cosine"],
+    )
+
+
+class _Stages:
+    """The build's stages as numbered log lines with their times ("[2/6] ... (12.3 s)"): progress on the
+    command line, where INFO logs are printed, and in any Python logging set-up."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        self.done += 1
+        log.info("[%d/%d] %s ...", self.done, self.total, what)
+        t = time.perf_counter()
+        yield
+        log.info("[%d/%d] done in %.1f s", self.done, self.total, time.perf_counter() - t)
+
+    def skip(self, why: str) -> None:
+        self.done += 1
+        log.info("[%d/%d] %s", self.done, self.total, why)
 
 
 def _check_replaceable(out_dir: Path, overwrite: bool) -> None:

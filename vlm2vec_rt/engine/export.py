@@ -109,6 +109,16 @@ def graph_specs(backbone: Backbone) -> dict[str, GraphSpec]:
     return {"vision": backbone.vision_graph(), "decoder": decoder}
 
 
+def release_modules(specs: dict[str, GraphSpec]) -> None:
+    """Drop the specs' torch modules once exported, so the model's weights can be freed before compiling
+    (the build holds no other reference to them); the specs' descriptions stay usable."""
+    import gc
+
+    for spec in specs.values():
+        spec.module = None
+    gc.collect()
+
+
 @contextlib.contextmanager
 def quiet_export() -> Iterator[None]:
     """The exporters' chatter (missing torchvision ops, deprecations, axis renames) is not the user's concern."""

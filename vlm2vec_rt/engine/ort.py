@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EngineError
-from .export import EXTERNAL_DATA_BYTES, GraphSpec, export_onnx
+from .export import EXTERNAL_DATA_BYTES, GraphSpec, export_onnx, release_modules
 
 NAME = "onnxruntime"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -119,9 +119,10 @@ def build(
     specs: dict[str, GraphSpec], out_dir: Path, *, precision: str, device: str, work_dir: Path
 ) -> dict[str, str]:
     """Export, (quantise,) optimise; returns graph name -> file name in out_dir."""
+    exported = {name: export_onnx(spec, work_dir / f"{name}.onnx") for name, spec in specs.items()}
+    release_modules(specs)  # the weights are in the ONNX files now: free the torch copy before compiling
     files = {}
-    for name, spec in specs.items():
-        src = export_onnx(spec, work_dir / f"{name}.onnx")
+    for name, src in exported.items():
         if precision == "int8" and name == "decoder":
             quantized = work_dir / f"{name}.int8.onnx"
             quantize_matmuls(src, quantized)

@@ -59,11 +59,14 @@ def parity_items() -> list[Item]:
     return items
 
 
-def parity_report(engine, reference, threshold: float, *, batch_size: int = 3) -> dict:
-    """Cosine between engine and reference embeddings of `parity_items()`; EngineError below `threshold` or
-    when the engine's rows are not unit-norm (within MAX_NORM_ERROR): users take dot products as cosines."""
+def parity_report(engine, expected: np.ndarray, threshold: float, *, batch_size: int = 3) -> dict:
+    """Cosine between the engine's embeddings of `parity_items()` and `expected` (eager fp32's, unit rows,
+    computed before the build freed the model); EngineError below `threshold` or when the engine's rows are
+    not unit-norm (within MAX_NORM_ERROR): users take dot products as cosines."""
     items = parity_items()
-    ref = reference.encode(items, batch_size=batch_size)  # eager: unit rows
+    ref = np.asarray(expected, dtype=np.float32)
+    if ref.shape[0] != len(items):
+        raise EngineError(f"parity gate: {ref.shape[0]} reference embeddings for {len(items)} parity items")
     got = engine.encode(items, batch_size=batch_size)
     if not np.isfinite(got).all():
         raise EngineError("parity gate failed: the engine produced non-finite embeddings")
