@@ -418,8 +418,10 @@ def gpu_check_info_nce(device: str, tiny: bool) -> list[dict[str, Any]]:
     return out
 
 
-def gpu_check_topk(device: str, tiny: bool) -> list[dict[str, Any]]:
-    """The top-k kernel (two-pass default, single pass, forced two-pass) against torch.topk of the full matrix."""
+def gpu_check_topk(device: str, tiny: bool, dtypes: list[torch.dtype] | None = None) -> list[dict[str, Any]]:
+    """The top-k kernel (two-pass default, single pass, forced two-pass) against torch.topk of the full matrix.
+
+    dtypes: only the cases of these corpus dtypes (default: all), so a caller can check the timed dtype first."""
     from vlm2vec_rt.kernels import topk as topk_kernel
 
     out = []
@@ -431,6 +433,8 @@ def gpu_check_topk(device: str, tiny: bool) -> list[dict[str, Any]]:
     ]
     if tiny:
         cases = [(dtype, 4, 300, 32, 10) for dtype in _dtypes(device)]
+    if dtypes is not None:
+        cases = [case for case in cases if case[0] in dtypes]
     for dtype, nq, n, d, k in cases:
         queries = torch.randn(nq, d, generator=gen).to(device)
         corpus = torch.randn(n, d, generator=gen).to(device, dtype)
