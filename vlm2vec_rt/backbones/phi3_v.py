@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..devices import check_device
 from ..errors import InputError
 from ..models.backbones import Backbone, Batch, torch_dtype
 from ..models.preprocessors import ImageInputs, NumpyBatch, Preprocessor, quiet_transformers
@@ -679,6 +680,7 @@ class Phi3V(Backbone):
 
         path = Path(path)
         dtype = torch_dtype(dtype)
+        check_device(device)
         pre = cls.preprocessor_class.load(path, **preprocessor_kwargs)
         with quiet_transformers(), no_init_weights(), _DefaultDtype(dtype):
             model = Phi3VForCausalLM(pre.config, lm_head=keep_lm_head)
