@@ -9,17 +9,24 @@ one line below.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from ..errors import InputError
-from . import llava_next, phi3_v, qwen2_5_vl, qwen2_vl
-from .base import Entry
 
-REGISTRY: dict[str, Entry] = {m.ENTRY.name: m.ENTRY for m in (llava_next, qwen2_vl, qwen2_5_vl, phi3_v)}
-NAMES: tuple[str, ...] = tuple(REGISTRY)
+# One module per backbone, named for its config.json `model_type`; imported (with torch and transformers)
+# only when used, so the names are known cheaply (the CLI's choices, model-type detection).
+NAMES: tuple[str, ...] = ("llava_next", "qwen2_vl", "qwen2_5_vl", "phi3_v")
 
 
-def entry(name: str) -> Entry:
-    """The registry's entry of a backbone (its config.json `model_type`); InputError naming the known ones."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise InputError(f"{name!r} is not a supported backbone (supported: {', '.join(NAMES)})") from None
+def entry(name: str) -> Any:
+    """The registry's `Entry` of a backbone (its config.json `model_type`); InputError naming the known ones."""
+    if name not in NAMES:
+        raise InputError(f"{name!r} is not a supported backbone (supported: {', '.join(NAMES)})")
+    return importlib.import_module(f"{__name__}.{name}").ENTRY
+
+
+def __getattr__(attr: str) -> Any:
+    if attr == "REGISTRY":  # name -> Entry of every backbone (imports them all)
+        return {name: entry(name) for name in NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
