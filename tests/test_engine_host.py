@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm2vec_rt import EngineError, InputError, Item
-from vlm2vec_rt.backbones.base import mrope_position_ids, vision_position_ids
-from vlm2vec_rt.backbones.llava_next import MAX_VIEWS_PER_CALL
+from vlm2vec_rt.backbones.base import MAX_VIEWS_PER_CALL, mrope_position_ids, vision_position_ids
 from vlm2vec_rt.engine.export import graph_specs
 from vlm2vec_rt.engine.host import HOSTS, write_host_assets
 from vlm2vec_rt.engine.manifest import FORMAT_VERSION, read_manifest, verify_files, write_manifest

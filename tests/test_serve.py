@@ -37,8 +37,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from vlm2vec_rt import Embedder, Engine, EngineError, InputError, Item, build_engine
+from vlm2vec_rt.cli import load_encoder
 from vlm2vec_rt.serve import ServeConfig, create_app
-from vlm2vec_rt.serve.cli import add_serve_parser, bind, config_from_args, load_encoder
+from vlm2vec_rt.serve.cli import add_serve_parser, bind, config_from_args
 
 MODEL = "tiny-llava"
 DEADLINE_S = 30.0  # every wait in this file gives up after this long

@@ -26,6 +26,9 @@ import numpy as np
 from ..errors import EngineError
 
 EMBED_TOKENS = "embed_tokens.npy"
+# views per vision-graph call of the backbones that stack views (LLaVA-NeXT, Phi-3.5-V): bounds activation
+# memory at high resolution, and is the views axis of a TensorRT plan's profile
+MAX_VIEWS_PER_CALL = 32
 
 
 # ---- shared steps ----------------------------------------------------------------------------------------

@@ -22,10 +22,9 @@ from torch import nn
 from ..models.backbones import Backbone, Batch
 from ..models.preprocessors import ImageInputs, NumpyBatch, Preprocessor
 from ..models.tiny import decoder_sizes, vision_intermediate_size
-from .base import EMBED_TOKENS, Entry, Host, TinySpec, load_npy, sequential_position_ids
+from .base import EMBED_TOKENS, MAX_VIEWS_PER_CALL, Entry, Host, TinySpec, load_npy, sequential_position_ids
 
 IMAGE_NEWLINE = "image_newline.npy"
-MAX_VIEWS_PER_CALL = 32  # views per vision-graph call: bounds activation memory at high resolution
 
 
 class LlavaNextPreprocessor(Preprocessor):

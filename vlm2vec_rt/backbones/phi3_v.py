@@ -45,8 +45,7 @@ from ..models.preprocessors import ImageInputs, NumpyBatch, Preprocessor, quiet_
 from ..models.tiny import decoder_sizes, vision_intermediate_size
 from ..preprocess import text as text_ops
 from ..preprocess.items import MMEB_IMAGE_PLACEHOLDER
-from .base import EMBED_TOKENS, Entry, Host, TinySpec, load_npy, sequential_position_ids
-from .llava_next import MAX_VIEWS_PER_CALL  # the TensorRT profile of a vision graph's views axis
+from .base import EMBED_TOKENS, MAX_VIEWS_PER_CALL, Entry, Host, TinySpec, load_npy, sequential_position_ids
 
 CROP = 336  # the HD transform's crop and global view side (the official processor's constant)
 IMAGE_TAG = re.compile(r"<\|image_\d+\|>")  # the official processor's split pattern

@@ -24,6 +24,7 @@ from types import ModuleType
 
 from .. import __version__, profiles
 from ..atomic import atomic_dir
+from ..backbones.base import MAX_VIEWS_PER_CALL
 from ..devices import default_device
 from ..errors import EngineError, InputError
 from ..models.backbones import load_backbone
@@ -31,7 +32,7 @@ from ..models.embedder import Embedder, directory_signature
 from ..models.preprocessors import read_model_type
 from .backends import CHOICES, pick_auto, require
 from .export import graph_specs
-from .host import MAX_VIEWS_PER_CALL, write_host_assets
+from .host import write_host_assets
 from .manifest import MANIFEST, PARITY_THRESHOLDS, PRECISIONS, write_manifest
 from .parity import parity_items, parity_report
 from .runtime import PREPROCESSOR_DIR, Engine

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..backbones import REGISTRY
 from ..backbones.base import EMBED_TOKENS, Host
-from ..backbones.llava_next import MAX_VIEWS_PER_CALL  # noqa: F401  (the TensorRT limits in build.py)
 
 # A backbone name -> its engine host side.
 HOSTS: dict[str, type[Host]] = {name: e.host for name, e in REGISTRY.items()}

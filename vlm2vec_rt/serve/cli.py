@@ -8,7 +8,6 @@ flight finish (at most --drain-timeout seconds), stop the batcher, and exit 0.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import signal
@@ -19,6 +18,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..preprocess.images import DEFAULT_MAX_PIXELS
+from ..profiles import PROFILES
 from .config import MIB, ServeConfig
 
 log = logging.getLogger("vlm2vec_rt.serve")
@@ -64,6 +64,7 @@ def add_serve_parser(subparsers: Any, parents: list[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--profile",
+        choices=PROFILES,
         default=None,
         help="input recipe: vlm2vec (default), vlm2vec-v2 or native; an engine must have been built with it",
     )
@@ -197,32 +198,6 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     )
 
 
-def load_encoder(args: argparse.Namespace) -> Any:
-    """The Engine (--engine) or Embedder (--model) to serve."""
-    options: dict[str, Any] = {
-        "device": args.device,
-        "image_resolution": args.image_resolution,
-        "max_image_pixels": args.max_image_pixels,
-    }
-    if args.engine:
-        from ..engine.runtime import Engine
-
-        loader = Engine.load
-        source = args.engine
-    else:
-        from ..models.embedder import Embedder
-
-        loader = Embedder.from_pretrained
-        source = args.model
-        options["dtype"] = args.dtype
-    if args.profile is not None:
-        # the input recipe is a keyword of the loaders that have one; an engine records its own
-        if "profile" not in inspect.signature(loader).parameters:
-            raise InputError(f"--profile is not supported with --{'engine' if args.engine else 'model'}")
-        options["profile"] = args.profile
-    return loader(source, **options)
-
-
 def bind(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (not listening yet: uvicorn listens once the app has started)."""
     try:
@@ -247,6 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM / Ctrl-C; 0 after a clean drain."""
     import uvicorn
 
+    from ..cli import load_encoder
     from .app import create_app
 
     if args.max_connections < 1:
@@ -256,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     sock = bind(args.host, args.port)
     try:
-        encoder = load_encoder(args)
+        encoder = load_encoder(args)  # the CLI's: --model/--engine, device, dtype, resolution, profile
         app = create_app(encoder, config)
         server = uvicorn.Server(
             uvicorn.Config(
